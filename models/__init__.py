@@ -1,0 +1,33 @@
+"""TANet (He et al., IJCAI 2022) and the helpers that load and train it."""
+from .optim import PARAM_GROUPS, parameter_groups
+from .tanet import THEME_FUSION_MODES, VARIANTS, TANet
+from .weights import (
+    REGISTRY,
+    RELEASED,
+    WeightFile,
+    checkpoints_dir,
+    infer_variant,
+    load_mobilenet_v2,
+    load_places365_resnet18,
+    load_tanet_weights,
+    read_tanet_checkpoint,
+    resolve_weights,
+)
+
+__all__ = [
+    "PARAM_GROUPS",
+    "REGISTRY",
+    "RELEASED",
+    "THEME_FUSION_MODES",
+    "TANet",
+    "VARIANTS",
+    "WeightFile",
+    "checkpoints_dir",
+    "infer_variant",
+    "load_mobilenet_v2",
+    "load_places365_resnet18",
+    "load_tanet_weights",
+    "parameter_groups",
+    "read_tanet_checkpoint",
+    "resolve_weights",
+]

@@ -1,0 +1,143 @@
+"""TANet (Figure 5 of the paper): theme, RGB-attention and aesthetics branches, fused by one head."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .aesthetics import AESTHETICS_FEATURES, AestheticsBranch
+from .rgb_attention import PATCH_GRID, RGB_FEATURES, rgb_attention_head, rgb_similarity
+from .theme import THEME_FEATURES, HyperNet, TargetNet, places365_resnet18, pool_theme
+
+FUSED_FEATURES = AESTHETICS_FEATURES + THEME_FEATURES + RGB_FEATURES  # 30
+THEME_FUSION_MODES = ("batch", "isolated")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What differs between the two released models."""
+
+    outputs: int  # 1 score in [0, 1], or a 10-bin distribution
+    theme_normalise: str  # "softmax" over the (B, B) theme matrix, or "batchnorm" + PReLU
+    isolated_theme_value: float  # the theme matrix of a lone image after normalisation
+
+
+VARIANTS: dict[str, Variant] = {
+    "tad66k": Variant(outputs=1, theme_normalise="softmax", isolated_theme_value=1.0),
+    # At batch size 1 the reference raises; the limit of normalising one value is 0.
+    "ava": Variant(outputs=10, theme_normalise="batchnorm", isolated_theme_value=0.0),
+}
+
+
+def fusion_head(outputs: int) -> nn.Sequential:
+    """``head`` ("L6"): ReLU, Dropout(0.75), Linear(30, k), then Sigmoid (k = 1) or Softmax (k = 10)."""
+    return nn.Sequential(
+        nn.ReLU(),
+        nn.Dropout(p=0.75),
+        nn.Linear(FUSED_FEATURES, outputs),
+        nn.Sigmoid() if outputs == 1 else nn.Softmax(dim=1),
+    )
+
+
+class TANet(nn.Module):
+    """Theme-aware aesthetics network.
+
+    ``variant="tad66k"`` returns a (B, 1) score in [0, 1]; ``variant="ava"`` a (B, 10)
+    distribution over the scores 1..10. Input: (B, 3, 224, 224), ImageNet-normalised.
+    ``theme_fusion="batch"`` is the reference (an image's theme feature depends on its
+    batch-mates); ``"isolated"`` scores every image as if it were alone in its batch.
+    """
+
+    def __init__(self, variant: str = "tad66k", theme_fusion: str = "batch") -> None:
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown TANet variant {variant!r}; expected one of {sorted(VARIANTS)}")
+        self.variant = variant
+        self.spec = VARIANTS[variant]
+        self.theme_fusion = theme_fusion  # validated by the setter
+        self._warned_lone_ava = False
+
+        # The attribute names are the reference's: they are the checkpoint format.
+        # Theme understanding (TUNet)
+        self.res365_last = places365_resnet18()
+        self.hypernet = HyperNet()
+        self.tygertnet = TargetNet()
+        self.avg = nn.AdaptiveAvgPool2d((THEME_FEATURES, 1))
+        # RGB-distribution attention (RGBNet)
+        self.avg_RGB = nn.AdaptiveAvgPool2d((PATCH_GRID, PATCH_GRID))
+        # Aesthetics perceiving (APNet)
+        self.mobileNet = AestheticsBranch()
+        self.softmax = nn.Softmax(dim=1)  # unused, kept from the reference
+        self.head_rgb = rgb_attention_head()
+        # Fusion
+        self.head = fusion_head(self.spec.outputs)
+
+    # Readable aliases (properties, so the state_dict keeps the reference keys only).
+    @property
+    def theme_backbone(self) -> nn.Module:
+        return self.res365_last
+
+    @property
+    def aesthetics_branch(self) -> AestheticsBranch:
+        return self.mobileNet
+
+    @property
+    def theme_fusion(self) -> str:
+        return self._theme_fusion
+
+    @theme_fusion.setter
+    def theme_fusion(self, mode: str) -> None:
+        if mode not in THEME_FUSION_MODES:
+            raise ValueError(f"unknown theme_fusion {mode!r}; expected one of {THEME_FUSION_MODES}")
+        self._theme_fusion = mode
+
+    def freeze_theme_backbone(self) -> None:
+        """Freeze the Places365 ResNet's parameters, as the reference does for training.
+
+        Its BatchNorm running statistics still update in train mode (the reference
+        calls ``model.train()`` on the whole model).
+        """
+        self.res365_last.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_branches(x)["output"]
+
+    def forward_branches(self, x: Tensor) -> dict[str, Tensor | None]:
+        """All intermediate features: ``x_aes``, ``x_theme``, ``x_rgb`` (each (B, 10)),
+        ``rgb_similarity`` (B, 144, 144), ``theme_logits`` (B, 365), ``theme_hidden``
+        (B, 100) and ``theme_matrix`` (B, B) (these three None when the theme ResNet is
+        skipped), and ``output``."""
+        similarity = rgb_similarity(self.avg_RGB(x))
+        x_rgb = self.head_rgb(similarity.flatten(1))
+        theme = self._theme_branch(x)
+        x_aes = self.mobileNet(x)
+        output = self.head(torch.cat([x_aes, theme["x_theme"], x_rgb], dim=1))
+        return {"x_aes": x_aes, "x_rgb": x_rgb, "rgb_similarity": similarity, **theme, "output": output}
+
+    def _theme_branch(self, x: Tensor) -> dict[str, Tensor | None]:
+        batch = x.shape[0]
+        lone_ava = batch == 1 and self.spec.theme_normalise == "batchnorm"
+        if self.theme_fusion == "isolated" or lone_ava:
+            if lone_ava and self.theme_fusion == "batch" and not self._warned_lone_ava:
+                warnings.warn(
+                    "TANet(variant='ava') got a batch of one image: the reference crashes here; "
+                    "using the isolated theme value (zeros) instead",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self._warned_lone_ava = True
+            # A lone image's theme matrix is 1x1; after normalisation it is a constant,
+            # whatever the theme ResNet says, so the ResNet is not run at all.
+            x_theme = x.new_full((batch, THEME_FEATURES), self.spec.isolated_theme_value)
+            return {"x_theme": x_theme, "theme_logits": None, "theme_hidden": None, "theme_matrix": None}
+
+        # The frozen ResNet needs no autograd; its BatchNorm statistics still update in train mode.
+        needs_grad = any(p.requires_grad for p in self.res365_last.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and needs_grad):
+            s = self.res365_last(x)
+        w, c = self.hypernet(s)
+        h = self.tygertnet.hidden(s)
+        q = self.tygertnet(h, w, c, self.spec.theme_normalise)
+        return {"x_theme": pool_theme(q, self.avg), "theme_logits": s, "theme_hidden": h, "theme_matrix": q}
