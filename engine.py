@@ -1,0 +1,261 @@
+"""The training and evaluation loops shared by the entry scripts (one epoch, one pass)."""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from util import distribution_mean, emd_loss, emd_loss_reference, evaluation_metrics
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN or infinity in the inputs, the predictions or the loss."""
+
+
+# --- precision, memory format -----------------------------------------------------------------
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """The autocast context of ``--amp`` (``none``, ``bf16`` or ``fp16``)."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def to_device(images: Tensor, device: torch.device, channels_last: bool) -> Tensor:
+    images = images.to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+# --- losses -----------------------------------------------------------------------------------
+
+def make_criterion(name: str) -> Callable[[Tensor, Tensor], Tensor]:
+    """``mse`` (tad66k), ``emd`` (NIMA per-image EMD, r=2) or ``emd_reference`` (batch-level, r=2)."""
+    if name == "mse":
+        return nn.MSELoss()
+    if name == "emd":
+        return lambda pred, target: emd_loss(pred, target, r=2)
+    if name == "emd_reference":
+        return emd_loss_reference
+    raise ValueError(f"unknown loss {name!r}")
+
+
+def default_loss(variant: str) -> str:
+    return "mse" if variant == "tad66k" else "emd_reference"
+
+
+# --- loaders ----------------------------------------------------------------------------------
+
+class ShardedBatches(Sampler[list[int]]):
+    """Evaluation batches in file order, ``batch_size`` each; rank r takes batches r, r+W, ...
+
+    Every batch is the one a single process would form, so batch-fused predictions do not
+    depend on the number of processes, and every image is evaluated exactly once.
+    """
+
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1) -> None:
+        self.batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)][rank::world_size]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def default_workers() -> int:
+    return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def make_loader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    train: bool,
+    num_workers: int,
+    device: torch.device,
+    seed: int = 0,
+    epoch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    collate_fn: Callable | None = None,
+) -> DataLoader:
+    """A training loader (shuffled by a generator seeded from seed and epoch, so a resumed
+    run sees the same order) or an evaluation loader (file order, see ``ShardedBatches``)."""
+    common = {
+        "num_workers": num_workers,
+        "pin_memory": device.type == "cuda",
+        "persistent_workers": False,
+        "collate_fn": collate_fn,
+    }
+    if num_workers > 0:
+        common["prefetch_factor"] = 4
+    if not train:
+        return DataLoader(dataset, batch_sampler=ShardedBatches(len(dataset), batch_size, rank, world_size), **common)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    if world_size > 1:
+        sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed)
+        sampler.set_epoch(epoch)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, generator=generator, **common)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, **common)
+
+
+# --- one epoch of training --------------------------------------------------------------------
+
+def _check_finite(tensor: Tensor, what: str, paths: list[str] | None, where: str) -> None:
+    if torch.isfinite(tensor).all():
+        return
+    named = ""
+    if paths is not None and tensor.ndim >= 1 and tensor.shape[0] == len(paths):
+        bad = (~torch.isfinite(tensor.reshape(len(paths), -1))).any(dim=1).nonzero().flatten().tolist()
+        named = f"; image(s): {', '.join(paths[i] for i in bad[:5])}"
+    raise NonFiniteError(f"non-finite {what} {where}{named}")
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    criterion: Callable[[Tensor, Tensor], Tensor],
+    device: torch.device,
+    *,
+    epoch: int = 0,
+    amp: str = "none",
+    scaler: torch.amp.GradScaler | None = None,
+    channels_last: bool = False,
+    progress: bool = True,
+) -> float:
+    """One pass over ``loader`` in train mode; returns the mean loss per image."""
+    model.train()
+    total, count = 0.0, 0
+    bar = tqdm(loader, desc=f"train {epoch}", disable=not progress, leave=False, dynamic_ncols=True)
+    for step, batch in enumerate(bar):
+        if batch is None:  # every image of the batch was skipped as undecodable
+            continue
+        images = to_device(batch["image"], device, channels_last)
+        target = batch["target"].to(device, non_blocking=True).float()
+        where = f"in epoch {epoch}, batch {step}"
+        _check_finite(images, "input", batch.get("path"), where)
+        with autocast(device, amp):
+            pred = model(images)
+        pred = pred.float()
+        _check_finite(pred, "prediction", batch.get("path"), where)
+        loss = criterion(pred, target)
+        _check_finite(loss, "loss", None, where)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        n = images.shape[0]
+        total += loss.item() * n
+        count += n
+        bar.set_postfix(loss=f"{total / count:.4f}")
+    return total / max(count, 1)
+
+
+# --- evaluation -------------------------------------------------------------------------------
+
+@dataclass
+class Predictions:
+    """Everything one evaluation pass produced, in dataset order."""
+
+    index: list[int] = field(default_factory=list)
+    path: list[str] = field(default_factory=list)
+    theme: list[str] = field(default_factory=list)
+    output: list[np.ndarray] = field(default_factory=list)  # model outputs, (k,) per image
+    target: list[np.ndarray] = field(default_factory=list)
+    loss_sum: float = 0.0
+
+    def merge(self, others: list["Predictions"]) -> "Predictions":
+        """All ranks' predictions together, sorted by dataset index."""
+        rows = sorted(
+            (i, p, t, o, g) for part in others
+            for i, p, t, o, g in zip(part.index, part.path, part.theme, part.output, part.target)
+        )
+        merged = Predictions(loss_sum=sum(part.loss_sum for part in others))
+        for i, p, t, o, g in rows:
+            merged.index.append(i), merged.path.append(p), merged.theme.append(t)
+            merged.output.append(o), merged.target.append(g)
+        return merged
+
+    def scores(self, variant: str) -> tuple[np.ndarray, np.ndarray]:
+        """Predicted and true scores on the scale the metrics use: 0..1 (tad66k) or 1..10 (ava)."""
+        out, tgt = np.stack(self.output), np.stack(self.target)
+        if variant == "tad66k":
+            return out[:, 0], tgt[:, 0]
+        return distribution_mean(out), distribution_mean(tgt)
+
+    def metrics(self, variant: str) -> dict:
+        """SRCC, PLCC, accuracy, MSE (0..1 scale for tad66k), EMD (ava), loss, per theme."""
+        pred, true = self.scores(variant)
+        dists = {}
+        if variant == "ava":
+            dists = {"pred_dist": np.stack(self.output), "true_dist": np.stack(self.target)}
+        themes = self.theme if any(self.theme) else None
+        result = evaluation_metrics(pred, true, threshold=0.5 if variant == "tad66k" else 5.0, themes=themes, **dists)
+        result["loss"] = self.loss_sum / max(len(self.index), 1)
+        return result
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    *,
+    criterion: Callable[[Tensor, Tensor], Tensor] | None = None,
+    amp: str = "none",
+    channels_last: bool = False,
+    progress: bool = True,
+    desc: str = "eval",
+) -> Predictions:
+    """Run ``model`` in eval mode over ``loader`` and collect outputs, targets and the loss."""
+    model.eval()
+    result = Predictions()
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+        if batch is None:
+            continue
+        images = to_device(batch["image"], device, channels_last)
+        _check_finite(images, "input", batch["path"], f"in {desc}")
+        with autocast(device, amp):
+            out = model(images)
+        out = out.float()
+        _check_finite(out, "prediction", batch["path"], f"in {desc}")
+        target = batch["target"].to(device).float()
+        if criterion is not None:
+            result.loss_sum += float(criterion(out, target)) * images.shape[0]
+        result.index += [int(i) for i in batch["index"]]
+        result.path += list(batch["path"])
+        result.theme += list(batch["theme"])
+        result.output += list(out.cpu().numpy())
+        result.target += list(target.cpu().numpy())
+    return result
+
+
+def gather_predictions(part: Predictions, world_size: int) -> Predictions:
+    """Every rank's predictions on every rank (a plain merge for one process)."""
+    if world_size == 1:
+        return part.merge([part])
+    parts: list[Predictions | None] = [None] * world_size
+    dist.all_gather_object(parts, part)
+    return part.merge([p for p in parts if p is not None])
+
+
+def is_better(value: float, best: float | None) -> bool:
+    """Higher is better; NaN never wins."""
+    return not math.isnan(value) and (best is None or value > best)

@@ -1,0 +1,376 @@
+"""Train and evaluate TANet: an NNI trial (``nnictl create --config config.yml``) that also runs
+as a plain script, on one process or several (``torchrun``)."""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tensorboardX import SummaryWriter
+
+import option
+from dataset import DataError, build_datasets, check_images_exist, collate_skip_none
+from engine import (
+    NonFiniteError,
+    Predictions,
+    default_loss,
+    default_workers,
+    gather_predictions,
+    is_better,
+    make_criterion,
+    make_loader,
+    predict,
+    train_one_epoch,
+)
+from models import (
+    TANet,
+    load_mobilenet_v2,
+    load_places365_resnet18,
+    load_tanet_weights,
+    parameter_groups,
+    resolve_weights,
+)
+from util import (
+    CheckpointError,
+    RunLock,
+    RunLockedError,
+    atomic_save_json,
+    atomic_torch_save,
+    atomic_write,
+    capture_rng_state,
+    resolve_device,
+    restore_rng_state,
+    safe_torch_load,
+    seed_everything,
+)
+
+try:
+    import nni
+except ImportError:  # NNI is optional for plain runs
+    nni = None
+
+REPO = Path(__file__).resolve().parent
+log = logging.getLogger("tanet")
+CHECKPOINT_FORMAT = "tanet-run/1"
+
+
+# --- setup ------------------------------------------------------------------------------------
+
+def in_experiment() -> bool:
+    return nni is not None and nni.get_experiment_id() != "STANDALONE"
+
+
+def parse_options(argv: list[str] | None) -> argparse.Namespace:
+    args = option.init(argv)
+    if in_experiment():
+        args = option.merge_nni_parameters(args, nni.get_next_parameter() or {})
+    return option.check_options(option.apply_dataset_defaults(args))
+
+
+def distributed_setup(args: argparse.Namespace) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); under torchrun, joins the process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device_name = args.device
+    if device_name in ("auto", "cuda") and torch.cuda.is_available():
+        device_name = f"cuda:{args.gpu_id}" if world == 1 else f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    device = resolve_device(device_name)
+    if world == 1:
+        return 0, 1, device
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return dist.get_rank(), world, device
+
+
+def output_dir(args: argparse.Namespace) -> Path:
+    if args.experiment_dir_name:
+        return Path(args.experiment_dir_name)
+    if in_experiment() and os.environ.get("NNI_OUTPUT_DIR"):
+        return Path(os.environ["NNI_OUTPUT_DIR"])
+    return REPO / "runs" / f"{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def setup_logging(out: Path | None) -> None:
+    log.setLevel(logging.INFO)
+    log.handlers.clear()
+    log.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if out is not None:
+        handlers.append(logging.FileHandler(out / "train.log"))
+    for h in handlers:
+        h.setFormatter(fmt)
+        log.addHandler(h)
+    logging.getLogger("dataset").handlers = handlers
+
+
+def csv_folder(args: argparse.Namespace) -> Path | None:
+    """The dataset's CSV folder; accepts the reference's ``.../merge/`` form too."""
+    if not args.path_to_save_csv:
+        return None
+    folder = Path(args.path_to_save_csv)
+    if args.dataset == "tad66k" and (folder / "train.csv").is_file() and (folder.parent / "unmerge").is_dir():
+        return folder.parent
+    return folder
+
+
+def load_data(args: argparse.Namespace, out: Path | None) -> dict:
+    sets = build_datasets(
+        args.dataset, variant=args.variant, image_dir=args.path_to_images, csv_dir=csv_folder(args),
+        validation=args.validation, val_fraction=args.val_fraction, seed=args.seed,
+        score_range=tuple(args.score_range), skip_bad=args.skip_bad, train_csv=args.train_csv,
+        val_csv=args.val_csv, test_csv=args.test_csv,
+    )
+    for split, ds in sets.items():
+        if args.max_images is not None and len(ds) > args.max_images:
+            ds.keep([i < args.max_images for i in range(len(ds))])
+        missing_log = out / f"missing_images_{split}.txt" if out is not None else None
+        check_images_exist(ds, skip_missing=args.skip_missing, missing_log=missing_log)
+    return sets
+
+
+def build_model(args: argparse.Namespace, device: torch.device) -> TANet:
+    model = TANet(args.variant, theme_fusion=args.theme_fusion)
+    unsafe = args.allow_unsafe_load
+    if args.path_to_model_weight:
+        path = resolve_weights(args.path_to_model_weight, directory=args.checkpoints_dir, download_missing=args.download)
+        load_tanet_weights(model, path, allow_unsafe=unsafe)
+        log.info("weights: %s", path)
+    elif args.backbones == "pretrained":
+        kw = {"directory": args.checkpoints_dir, "download_missing": args.download}
+        load_places365_resnet18(model, resolve_weights("resnet18_places365.pth.tar", **kw), allow_unsafe=unsafe)
+        load_mobilenet_v2(model, resolve_weights("mobilenetv2.pth.tar", **kw), allow_unsafe=unsafe)
+        log.info("backbones: Places365 ResNet-18 and ImageNet MobileNetV2")
+    else:
+        log.info("backbones: random initialisation")
+    model.freeze_theme_backbone()
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+# --- outputs ----------------------------------------------------------------------------------
+
+def write_predictions(preds: Predictions, variant: str, path: Path) -> None:
+    """One row per image: image, theme, true and predicted score on the 1..10 scale."""
+    pred, true = preds.scores(variant)
+    scale = 10.0 if variant == "tad66k" else 1.0
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["image", "theme", "true_score", "pred_score"])
+    for p, t, th, tr, pr in zip(preds.path, preds.theme, preds.index, true, pred):
+        writer.writerow([Path(p).name, t, f"{tr * scale:.6f}", f"{pr * scale:.6f}"])
+    with atomic_write(path, "w") as f:
+        f.write(buf.getvalue())
+
+
+def evaluate(model, dataset, args, device, criterion, rank, world, desc) -> Predictions:
+    loader = make_loader(
+        dataset, batch_size=args.eval_batch_size, train=False, num_workers=args.num_workers, device=device,
+        rank=rank, world_size=world, collate_fn=collate_skip_none,
+    )
+    part = predict(model, loader, device, criterion=criterion, amp=args.amp, channels_last=args.channels_last,
+                   progress=not args.quiet and rank == 0, desc=desc)
+    return gather_predictions(part, world)
+
+
+def final_results(preds: Predictions, args, split: str, checkpoint: str, extra: dict) -> dict:
+    metrics = preds.metrics(args.variant)
+    if args.variant == "tad66k":
+        metrics.pop("emd", None)
+    return {**metrics, "split": split, "checkpoint": checkpoint, "dataset": args.dataset, "variant": args.variant,
+            "theme_fusion": args.theme_fusion, "eval_batch_size": args.eval_batch_size, **extra}
+
+
+def summary(metrics: dict) -> str:
+    keys = ("srcc", "plcc", "accuracy", "mse", "emd", "loss")
+    return ", ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def save_run_checkpoint(path: Path, model, optimizer, scaler, state: dict, args, rng: list) -> None:
+    atomic_torch_save({
+        "format": CHECKPOINT_FORMAT,
+        "model": unwrap(model).state_dict(),
+        "variant": args.variant,
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "options": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()},
+        "rng": rng,
+        **state,
+    }, path)
+
+
+def all_rng_states(world: int) -> list:
+    mine = capture_rng_state()
+    if world == 1:
+        return [mine]
+    states: list = [None] * world
+    dist.all_gather_object(states, mine)
+    return states
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+def run(args: argparse.Namespace, rank: int, world: int, device: torch.device, out: Path) -> dict:
+    seed_everything(args.seed + rank)
+    if args.num_workers is None:
+        args.num_workers = default_workers()
+    is_main = rank == 0
+    data = load_data(args, out if is_main else None)
+    log.info("data: %s", ", ".join(f"{k} {len(v)}" for k, v in data.items()))
+    model = build_model(args, device)
+    loss_name = default_loss(args.variant) if args.loss == "auto" else args.loss
+    criterion = make_criterion(loss_name)
+    report_criterion = make_criterion("mse") if args.variant == "tad66k" else make_criterion("emd_reference")
+
+    if args.test_only:
+        preds = evaluate(model, data["test"], args, device, report_criterion, rank, world, "test")
+        results = final_results(preds, args, "test", str(args.path_to_model_weight), {})
+        if is_main:
+            write_predictions(preds, args.variant, out / "test_predictions.csv")
+            atomic_save_json(results, out / "results.json")
+        log.info("test: %s (%d images)", summary(results), results["n_images"])
+        return results
+
+    net = model
+    if args.compile:
+        net = torch.compile(net)
+    if world > 1:
+        unused = args.variant == "tad66k" or args.theme_fusion == "isolated"
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
+    lrs = {name: getattr(args, f"init_lr_{name}") for name in
+           ("res365_last", "mobileNet", "head", "head_rgb", "hypernet", "tygertnet")}
+    optimizer = torch.optim.Adam(parameter_groups(model, lrs), lr=args.init_lr)
+    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
+
+    state = {"epoch": 0, "best_metric": None, "best_epoch": None, "history": []}
+    last, best = out / "last.pth", out / "best.pth"
+    if args.resume and last.is_file():
+        ckpt = safe_torch_load(last)
+        if ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{last} is not a training checkpoint of this project")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        restore_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        state = {k: ckpt[k] for k in state}
+        log.info("resumed from %s after epoch %d", last, state["epoch"])
+    elif args.resume:
+        log.info("nothing to resume in %s: starting a new run", out)
+    elif last.is_file():
+        raise RunLockedError(f"{out} already holds a run (last.pth): pass --resume to continue it, "
+                             f"or choose another --experiment_dir_name")
+
+    writer = SummaryWriter(str(out / "logs")) if is_main else None
+    val_criterion = criterion
+    for epoch in range(state["epoch"], args.num_epoch):
+        loader = make_loader(data["train"], batch_size=args.batch_size, train=True, num_workers=args.num_workers,
+                             device=device, seed=args.seed, epoch=epoch, rank=rank, world_size=world,
+                             collate_fn=collate_skip_none)
+        started = time.time()
+        train_loss = train_one_epoch(net, loader, optimizer, criterion, device, epoch=epoch, amp=args.amp,
+                                     scaler=scaler, channels_last=args.channels_last,
+                                     progress=not args.quiet and is_main)
+        val = evaluate(net, data["val"], args, device, val_criterion, rank, world, "val").metrics(args.variant)
+        seconds = time.time() - started
+        value = val[args.metric]
+        improved = is_better(value, state["best_metric"])
+        if improved:
+            state["best_metric"], state["best_epoch"] = value, epoch + 1
+        state["epoch"] = epoch + 1
+        state["history"].append({"epoch": epoch + 1, "train_loss": train_loss, "seconds": seconds,
+                                 **{f"val_{k}": v for k, v in val.items() if k != "per_theme"}})
+        rng = all_rng_states(world)
+        if is_main:
+            if improved:
+                save_run_checkpoint(best, model, optimizer, scaler, state, args, rng)
+            save_run_checkpoint(last, model, optimizer, scaler, state, args, rng)
+            log.info("epoch %d/%d: train loss %.4f; val %s; %.0f s%s", epoch + 1, args.num_epoch, train_loss,
+                     summary(val), seconds, " (best)" if improved else "")
+            writer.add_scalar("train/loss", train_loss, epoch + 1)
+            for k in ("loss", "srcc", "plcc", "accuracy", "mse", "emd"):
+                if k in val:
+                    writer.add_scalar(f"val/{k}", val[k], epoch + 1)
+            for group in optimizer.param_groups:
+                writer.add_scalar(f"lr/{group['name']}", group["lr"], epoch + 1)
+            writer.flush()
+            if in_experiment():
+                nni.report_intermediate_result({"default": _finite(value), "srcc": _finite(val["srcc"]),
+                                                "plcc": _finite(val["plcc"]), "accuracy": val["accuracy"],
+                                                "loss": val["loss"]})
+    if writer is not None:
+        writer.close()
+
+    if best.is_file():
+        model.load_state_dict(safe_torch_load(best)["model"])
+        checkpoint = str(best)
+    else:  # no epoch, or no finite validation metric: test the last weights
+        checkpoint = str(last) if last.is_file() else "initial weights"
+    preds = evaluate(net, data["test"], args, device, report_criterion, rank, world, "test")
+    results = final_results(preds, args, "test", checkpoint, {
+        "best_epoch": state["best_epoch"], "selection": f"{args.metric} on {'test' if args.validation == 'test' else 'val'}",
+        "best_val_metric": state["best_metric"], "history": state["history"],
+    })
+    if is_main:
+        write_predictions(preds, args.variant, out / "test_predictions.csv")
+        atomic_save_json(results, out / "results.json")
+        log.info("test (best epoch %s): %s (%d images)", state["best_epoch"], summary(results), results["n_images"])
+        if in_experiment():
+            nni.report_final_result({"default": _finite(results[args.metric]), "srcc": _finite(results["srcc"]),
+                                     "plcc": _finite(results["plcc"]), "accuracy": results["accuracy"]})
+    return results
+
+
+def _finite(x: float) -> float:
+    return x if not math.isnan(x) else 0.0  # NNI's tuners cannot take NaN; the results file keeps it
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_options(argv)
+        rank, world, device = distributed_setup(args)
+    except ValueError as exc:
+        print(f"main_nni.py: error: {exc}", file=sys.stderr)
+        return 2
+    out = output_dir(args)
+    try:
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+        setup_logging(out if rank == 0 else None)
+        log.info("device %s, %d process(es), output %s", device, world, out)
+        lock = RunLock(out) if rank == 0 else None
+        if lock is not None:
+            lock.acquire()
+        try:
+            run(args, rank, world, device, out)
+        finally:
+            if lock is not None:
+                lock.release()
+    except (DataError, CheckpointError, RunLockedError, NonFiniteError, FileNotFoundError, ValueError) as exc:
+        log.error("error: %s", exc)
+        return 1
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

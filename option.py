@@ -1,0 +1,190 @@
+"""Command-line options of the trial script (argparse only).
+
+Every option of the reference's ``option.py`` keeps its name; its learning rates,
+declared ``int`` there, are floats here.
+"""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+
+DATASETS = ("tad66k", "ava", "csv", "demo")
+VARIANT_NAMES = ("tad66k", "ava")
+LR_OPTIONS = (
+    "init_lr_res365_last",
+    "init_lr_mobileNet",
+    "init_lr_head",
+    "init_lr_head_rgb",
+    "init_lr_hypernet",
+    "init_lr_tygertnet",
+    "init_lr",
+)
+SELECTION_METRICS = ("srcc", "plcc", "accuracy")
+
+# Defaults that depend on --dataset: the reference's for TAD66K and AVA, a CPU recipe for the demo.
+REFERENCE_LR = 3e-4  # the reference option.py's default for every learning rate
+DATASET_DEFAULTS: dict[str, dict[str, object]] = {
+    "tad66k": {"batch_size": 40, "num_epoch": 200, "backbones": "pretrained", **{k: REFERENCE_LR for k in LR_OPTIONS}},
+    "csv": {"batch_size": 40, "num_epoch": 200, "backbones": "pretrained", **{k: REFERENCE_LR for k in LR_OPTIONS}},
+    "ava": {"batch_size": 48, "num_epoch": 20, "backbones": "pretrained", **{k: REFERENCE_LR for k in LR_OPTIONS}},
+    # From scratch on 2 CPU cores: larger steps, few epochs (see README, "Demo dataset").
+    "demo": {
+        "batch_size": 16,
+        "num_epoch": 10,
+        "backbones": "random",
+        **{k: 1e-3 for k in LR_OPTIONS},
+        "init_lr_res365_last": 0.0,
+    },
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Train or evaluate TANet (plain script or NNI trial).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ref = p.add_argument_group("reference options")
+    ref.add_argument("--path_to_images", type=str, default=None, help="folder of the dataset's images")
+    ref.add_argument("--path_to_save_csv", type=str, default=None,
+                     help="folder of the split CSVs (default: the dataset's folder under data/)")
+    ref.add_argument("--experiment_dir_name", type=str, default=None,
+                     help="output folder of the run (default: runs/<dataset>-<time>; under NNI: the trial's folder)")
+    ref.add_argument("--path_to_model_weight", type=str, default=None,
+                     help="TANet checkpoint (ours or released; path or registry name) to start from or to evaluate")
+    for name in LR_OPTIONS:
+        ref.add_argument(f"--{name}", type=float, default=None, help="learning rate (default: per dataset)")
+    ref.add_argument("--num_epoch", type=int, default=None, help="epochs (default: per dataset)")
+    ref.add_argument("--batch_size", type=int, default=None, help="training batch size (default: per dataset)")
+    ref.add_argument("--num_workers", type=int, default=None, help="DataLoader workers (default: CPU cores, at most 8)")
+    ref.add_argument("--gpu_id", type=str, default="0", help="CUDA device index used when --device is auto or cuda")
+
+    run = p.add_argument_group("run")
+    run.add_argument("--dataset", choices=DATASETS, default="demo", help="which data to train and test on")
+    run.add_argument("--variant", choices=VARIANT_NAMES, default=None,
+                     help="model variant (default: ava for --dataset ava, else tad66k)")
+    run.add_argument("--device", type=str, default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    run.add_argument("--seed", type=int, default=0, help="seed of every random number generator")
+    run.add_argument("--theme_fusion", choices=("batch", "isolated"), default="batch",
+                     help="batch: the reference (theme feature depends on batch-mates); isolated: every image alone")
+    run.add_argument("--test_only", action="store_true", help="evaluate --path_to_model_weight on the test split")
+    run.add_argument("--resume", action="store_true", help="continue the run in --experiment_dir_name")
+    run.add_argument("--validation", choices=("split", "test"), default="split",
+                     help="split: select the best epoch on a validation split carved from train; "
+                          "test: the reference protocol (select on the test split)")
+    run.add_argument("--val_fraction", type=float, default=0.1, help="share of train carved out for validation")
+    run.add_argument("--metric", choices=SELECTION_METRICS, default="srcc",
+                     help="validation metric that selects the best epoch and is NNI's 'default' "
+                          "(the reference used accuracy)")
+    run.add_argument("--loss", choices=("auto", "mse", "emd", "emd_reference"), default="auto",
+                     help="training loss; auto: mse (tad66k) or emd_reference (ava, the reference's batch-level "
+                          "EMD r=2); emd: NIMA's per-image EMD r=2")
+    run.add_argument("--eval_batch_size", type=int, default=None,
+                     help="evaluation batch size (default: --batch_size, as the reference)")
+    run.add_argument("--max_images", type=int, default=None,
+                     help="use only the first N images of each split (smoke tests)")
+
+    data = p.add_argument_group("data")
+    data.add_argument("--train_csv", type=str, default=None, help="--dataset csv: training CSV (image,score[,theme])")
+    data.add_argument("--val_csv", type=str, default=None, help="--dataset csv: validation CSV (default: carved)")
+    data.add_argument("--test_csv", type=str, default=None, help="--dataset csv: test CSV")
+    data.add_argument("--score_range", type=float, nargs=2, default=(1.0, 10.0), metavar=("LO", "HI"),
+                      help="--dataset csv: range of the CSV scores, mapped onto 1..10")
+    data.add_argument("--skip_missing", action="store_true",
+                      help="drop images missing from --path_to_images (listed in missing_images.txt)")
+    data.add_argument("--skip_bad", action="store_true", help="skip (and log) images that cannot be decoded")
+    data.add_argument("--cache_dir", type=str, default=None,
+                      help="prepared-dataset cache built by tools/prepare_cache.py (see README, Speed)")
+
+    weights = p.add_argument_group("weights")
+    weights.add_argument("--backbones", choices=("pretrained", "random"), default=None,
+                         help="start from the Places365 ResNet-18 and ImageNet MobileNetV2 files, or from "
+                              "random weights (default: pretrained, random for the demo)")
+    weights.add_argument("--checkpoints_dir", type=str, default=None,
+                         help="folder of weight files (default: $TANET_CHECKPOINTS or checkpoints/)")
+    weights.add_argument("--download", action="store_true", help="download missing reference weight files")
+    weights.add_argument("--allow_unsafe_load", action="store_true",
+                         help="allow weight files that need full unpickling (can run code: trusted files only)")
+
+    speed = p.add_argument_group("speed")
+    speed.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
+                       help="autocast precision (fp16: CUDA only, with a gradient scaler)")
+    speed.add_argument("--channels_last", action="store_true", help="channels-last memory format")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the model")
+
+    out = p.add_argument_group("outputs")
+    out.add_argument("--no_report", action="store_true", help="do not write the figures and HTML report at the end")
+    out.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def apply_dataset_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the options left unset with the defaults of ``args.dataset``."""
+    for key, value in DATASET_DEFAULTS[args.dataset].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.variant is None:
+        args.variant = "ava" if args.dataset == "ava" else "tad66k"
+    if args.eval_batch_size is None:
+        args.eval_batch_size = args.batch_size
+    return args
+
+
+def check_options(args: argparse.Namespace) -> argparse.Namespace:
+    """Refuse values that cannot work, naming the option."""
+    for name in ("batch_size", "eval_batch_size", "num_epoch"):
+        value = getattr(args, name)
+        if value < (0 if name == "num_epoch" else 1):
+            raise ValueError(f"--{name} must be positive, got {value}")
+    if args.num_workers is not None and args.num_workers < 0:
+        raise ValueError(f"--num_workers must be >= 0, got {args.num_workers}")
+    for name in LR_OPTIONS:
+        value = getattr(args, name)
+        if not value >= 0 or value == float("inf"):
+            raise ValueError(f"--{name} must be a finite learning rate >= 0, got {value}")
+    if not 0 < args.val_fraction < 1:
+        raise ValueError(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
+    if args.max_images is not None and args.max_images < 1:
+        raise ValueError(f"--max_images must be positive, got {args.max_images}")
+    lo, hi = args.score_range
+    if not lo < hi:
+        raise ValueError(f"--score_range needs LO < HI, got {lo} {hi}")
+    if args.test_only and not args.path_to_model_weight:
+        raise ValueError("--test_only needs --path_to_model_weight")
+    if args.dataset == "ava" and args.variant == "ava" and args.loss == "mse":
+        raise ValueError("--loss mse needs --variant tad66k")
+    if args.variant == "tad66k" and args.loss in ("emd", "emd_reference"):
+        raise ValueError(f"--loss {args.loss} needs --variant ava")
+    return args
+
+
+def merge_nni_parameters(args: argparse.Namespace, params: Mapping[str, object]) -> argparse.Namespace:
+    """Override options with NNI's parameters; an unknown name or a value of the wrong type is an error."""
+    known = {a.dest: a for a in build_parser()._actions if a.dest != "help"}
+    for name, value in params.items():
+        if name not in known:
+            raise ValueError(f"NNI parameter {name!r} is not an option of main_nni.py")
+        action = known[name]
+        if action.choices is not None and value not in action.choices:
+            raise ValueError(f"NNI parameter {name!r}={value!r} is not one of {list(action.choices)}")
+        kind = action.type
+        if isinstance(action, argparse._StoreTrueAction):
+            kind = bool
+        if kind is int:
+            if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+                raise ValueError(f"NNI parameter {name!r} must be an integer, got {value!r} (use 'choice' in the search space)")
+            value = int(value)
+        elif kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"NNI parameter {name!r} must be a number, got {value!r}")
+            value = float(value)
+        elif kind is bool and not isinstance(value, bool):
+            raise ValueError(f"NNI parameter {name!r} must be true or false, got {value!r}")
+        elif kind is str and not isinstance(value, str):
+            raise ValueError(f"NNI parameter {name!r} must be a string, got {value!r}")
+        setattr(args, name, value)
+    return args
+
+
+def init(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line (the reference's entry point name); dataset defaults are applied later."""
+    return build_parser().parse_args(argv)
