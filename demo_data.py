@@ -1,0 +1,234 @@
+"""Synthetic, learnable demo data set in the TAD66K layout, made from scikit-learn's two sample photos.
+
+Each image is a random crop of china.jpg (a temple) or flower.jpg, given one of four themes and
+five controlled degradations, each drawn uniformly from [0, 1]:
+
+    exposure  e: gamma 2 ** (1.3 - 2.6 e)   (0 = dark, 1 = bright)
+    saturation s: colour gain 0.3 + 1.5 s     (colour themes only)
+    blur      b: Gaussian blur, sigma 3.5 b pixels (at 256 px)
+    noise     n: Gaussian noise, std 0.14 n of the full range
+    jpeg      j: saved with JPEG quality 35 + 60 j
+
+Themes (recognisable from content or a strong global look) and what makes a good picture:
+
+    architecture  colour temple crops       bright and sharp are good
+    flower        colour flower crops       dark (low-key) and vivid are good
+    mono          black-and-white, either   film grain (noise) and sharpness are good
+    vintage       sepia-toned, either       soft focus (blur) and clean, mid exposure are good
+
+The theme's weighted sum q of these terms (weights in `SCORE_RULES`, plus 0.1 for JPEG quality)
+is stretched around 0.5 and mapped to a score 1 + 9 q on the 1..10 scale, so the same exposure,
+noise or blur is good in one theme and bad in another: the right score needs the theme.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from util import atomic_save_json, atomic_write
+
+logger = logging.getLogger(__name__)
+
+REPO_DIR = Path(__file__).resolve().parent
+DEFAULT_DEMO_ROOT = REPO_DIR / "data" / "demo"
+GENERATOR_VERSION = 1  # bump when the images or scores a given seed produces change
+
+THEMES = ("architecture", "flower", "mono", "vintage")
+# Which sample photo each theme crops: china.jpg is the temple, flower.jpg the flower.
+_THEME_SOURCES = {"architecture": ("china",), "flower": ("flower",),
+                  "mono": ("china", "flower"), "vintage": ("china", "flower")}
+# Per theme: weight of each "goodness" term; each term is in [0, 1] and each row sums to 0.9.
+# Keys: bright = e, dark = 1 - e, mid = 1 - 2|e - 0.5|, vivid = s, sharp = 1 - b, soft = b,
+# grainy = n, clean = 1 - n.  JPEG quality adds 0.1 j in every theme.
+SCORE_RULES: dict[str, dict[str, float]] = {
+    "architecture": {"bright": 0.5, "sharp": 0.3, "clean": 0.1},
+    "flower": {"dark": 0.45, "vivid": 0.35, "clean": 0.1},
+    "mono": {"grainy": 0.45, "sharp": 0.35, "mid": 0.1},
+    "vintage": {"soft": 0.5, "clean": 0.25, "mid": 0.15},
+}
+_JPEG_WEIGHT = 0.1
+_STRETCH = 1.5  # widens the score spread; about 5% of the images are clipped to 1 or 10
+_SEPIA = np.array([1.0, 0.78, 0.52], dtype=np.float32)
+_MANIFEST = "manifest.json"
+
+
+def theme_score(theme: str, exposure: float, saturation: float, blur: float, noise: float,
+                jpeg: float) -> float:
+    """The demo's ground-truth score on 1..10 for one image's theme and degradation levels."""
+    terms = {"bright": exposure, "dark": 1.0 - exposure, "mid": 1.0 - 2.0 * abs(exposure - 0.5),
+             "vivid": saturation, "sharp": 1.0 - blur, "soft": blur, "grainy": noise, "clean": 1.0 - noise}
+    q = sum(w * terms[k] for k, w in SCORE_RULES[theme].items()) + _JPEG_WEIGHT * jpeg
+    q = min(1.0, max(0.0, 0.5 + _STRETCH * (q - 0.5)))
+    return 1.0 + 9.0 * q
+
+
+def _sample_photos() -> dict[str, np.ndarray]:
+    from sklearn.datasets import load_sample_images  # deferred: importing sklearn takes a second
+
+    data = load_sample_images()
+    return {Path(f).stem: img for f, img in zip(data.filenames, data.images)}
+
+
+def _render(src: np.ndarray, theme: str, params: dict[str, float], rng: np.random.Generator,
+            size: int) -> tuple[bytes, float]:
+    """One degraded crop as JPEG bytes, and its score."""
+    h, w = src.shape[:2]
+    side = int(rng.integers(min(h, w) * 3 // 5, min(h, w) + 1))
+    top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+    crop = Image.fromarray(src[top:top + side, left:left + side])
+    if rng.random() < 0.5:
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    x = np.asarray(crop.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
+
+    lum = x @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    if theme in ("mono", "vintage"):
+        x = lum[..., None]  # one channel until the final toning
+    else:
+        x = lum[..., None] + (0.3 + 1.5 * params["saturation"]) * (x - lum[..., None])
+    x = np.clip(x, 0.0, 1.0) ** (2.0 ** (1.3 - 2.6 * params["exposure"]))
+
+    sigma = 3.5 * params["blur"]
+    if sigma > 0.05:
+        u8 = np.rint(x * 255.0).astype(np.uint8)
+        img = Image.fromarray(u8[..., 0] if u8.shape[2] == 1 else u8)
+        x = np.asarray(img.filter(ImageFilter.GaussianBlur(sigma)), dtype=np.float32).reshape(x.shape) / 255.0
+    x = x + rng.standard_normal(x.shape, dtype=np.float32) * (0.14 * params["noise"])
+    if theme == "vintage":
+        x = x * _SEPIA
+    elif theme == "mono":
+        x = np.repeat(x, 3, axis=2)
+    out = Image.fromarray(np.rint(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8), "RGB")
+    buf = io.BytesIO()
+    out.save(buf, "JPEG", quality=int(round(35 + 60 * params["jpeg"])))
+    return buf.getvalue(), theme_score(theme, **params)
+
+
+def _generate(root: Path, n_train: int, n_test: int, seed: int, size: int) -> dict[str, int]:
+    """Write images and CSVs under root; return {relative path: size in bytes}."""
+    photos = _sample_photos()
+    rng = np.random.default_rng(seed)
+    themes: list[str] = []
+    for n in (n_train, n_test):  # balanced themes within each split, in random order
+        themes += [THEMES[i] for i in rng.permutation(np.arange(n) % len(THEMES))]
+
+    files: dict[str, int] = {}
+    rows: dict[str, list[tuple[str, float, str]]] = {"train": [], "test": []}
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for i, theme in enumerate(themes):
+        params = {k: float(rng.random()) for k in ("exposure", "saturation", "blur", "noise", "jpeg")}
+        source = _THEME_SOURCES[theme][int(rng.integers(len(_THEME_SOURCES[theme])))]
+        image_rng = np.random.default_rng(rng.integers(2 ** 63))
+        data, score = _render(photos[source], theme, params, image_rng, size)
+        name = f"demo_{i:05d}.jpg"
+        (root / "images" / name).write_bytes(data)  # no fsync per image: the manifest, written last, vouches
+        files[f"images/{name}"] = len(data)
+        rows["train" if i < n_train else "test"].append((name, round(score, 2), theme))
+
+    for split, split_rows in rows.items():
+        files[f"merge/{split}.csv"] = _write_csv(root / "merge" / f"{split}.csv", split_rows)
+        for theme in THEMES:
+            theme_rows = [r for r in split_rows if r[2] == theme]
+            if theme_rows:
+                files[f"unmerge/{split}/{theme}.csv"] = _write_csv(
+                    root / "unmerge" / split / f"{theme}.csv", theme_rows)
+    return files
+
+
+def _write_csv(path: Path, rows: list[tuple[str, float, str]]) -> int:
+    text = "image,score\n" + "".join(f"{name},{score:.2f}\n" for name, score, _ in rows)
+    data = text.encode("utf-8")
+    with atomic_write(path, "wb") as f:
+        f.write(data)
+    return len(data)
+
+
+def _is_complete(root: Path, params: dict) -> bool:
+    try:
+        manifest = json.loads((root / _MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(manifest, dict) or manifest.get("params") != params:
+        return False
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        return False
+    for rel, size in files.items():
+        try:
+            if (root / rel).stat().st_size != size:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _remove_generated(root: Path) -> None:
+    """Delete what an earlier generation may have left (only our own file names)."""
+    (root / _MANIFEST).unlink(missing_ok=True)
+    for pattern in ("images/demo_*.jpg", "merge/train.csv", "merge/test.csv",
+                    "unmerge/train/*.csv", "unmerge/test/*.csv"):
+        for p in root.glob(pattern):
+            p.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    """Serialise generation between processes sharing root (POSIX; no lock elsewhere)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    with open(root / ".generate.lock", "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def demo_parameters(n_train: int, n_test: int, seed: int, size: int) -> dict:
+    """The generation parameters recorded in the manifest (a change regenerates the data)."""
+    for name, value, low in (("n_train", n_train, 1), ("n_test", n_test, 1), ("size", size, 32)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"demo data: {name} must be an integer >= {low}, got {value!r}")
+    if size > 2048:
+        raise ValueError(f"demo data: size must be <= 2048, got {size}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"demo data: seed must be a non-negative integer, got {seed!r}")
+    rules = json.dumps(SCORE_RULES, sort_keys=True).encode("utf-8")
+    return {"version": GENERATOR_VERSION, "n_train": int(n_train), "n_test": int(n_test),
+            "seed": int(seed), "size": int(size), "rules_sha256": hashlib.sha256(rules).hexdigest()}
+
+
+def ensure_demo_dataset(root: str | os.PathLike | None = None, *, n_train: int = 480, n_test: int = 160,
+                        seed: int = 0, size: int = 256) -> Path:
+    """Generate the demo data under root (default data/demo of the repo) unless a complete copy
+    made with the same parameters is there; return root.
+
+    Layout: root/images/*.jpg, root/merge/{train,test}.csv, root/unmerge/{train,test}/<theme>.csv.
+    Same parameters -> byte-identical files.  The manifest is written last, so an interrupted
+    generation is detected and redone.
+    """
+    params = demo_parameters(n_train, n_test, seed, size)
+    root = Path(root) if root is not None else DEFAULT_DEMO_ROOT
+    if _is_complete(root, params):
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root):
+        if _is_complete(root, params):  # another process made it while we waited
+            return root
+        logger.warning("generating the demo data set in %s (%d train + %d test images)", root, n_train, n_test)
+        _remove_generated(root)
+        files = _generate(root, n_train, n_test, seed, size)
+        atomic_save_json({"generator": "demo_data.py", "params": params, "files": files}, root / _MANIFEST)
+    return root
