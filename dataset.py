@@ -638,6 +638,17 @@ def _existing_csv(path: Path, what: str) -> Path:
     return path
 
 
+def resolve_csv_dir(dataset: str, path_to_save_csv: str | os.PathLike | None) -> Path | None:
+    """The CSV folder that build_datasets expects, from ``--path_to_save_csv``; TAD66K also
+    accepts the reference's ``.../merge/`` form (its parent holds ``unmerge/``)."""
+    if not path_to_save_csv:
+        return None
+    folder = Path(path_to_save_csv)
+    if dataset == "tad66k" and (folder / "train.csv").is_file() and (folder.parent / "unmerge").is_dir():
+        return folder.parent
+    return folder
+
+
 def build_datasets(name: str, *, variant: str, image_dir: str | os.PathLike | None = None,
                    csv_dir: str | os.PathLike | None = None, validation: str = "split",
                    val_fraction: float = 0.1, seed: int = 0, score_range: Sequence[float] = (1.0, 10.0),

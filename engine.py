@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+from cache import augment_batch
 from util import distribution_mean, emd_loss, emd_loss_reference, evaluation_metrics
 
 
@@ -35,6 +36,15 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
 
 def to_device(images: Tensor, device: torch.device, channels_last: bool) -> Tensor:
     images = images.to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+def prepare_images(images: Tensor, device: torch.device, *, train: bool, channels_last: bool) -> Tensor:
+    """The model input of a batch on ``device``: float images as they are; uint8 images (from a
+    cache) moved as uint8, then randomly flipped and cropped (training) and normalised there."""
+    if images.dtype != torch.uint8:
+        return to_device(images, device, channels_last)
+    images = augment_batch(images.to(device, non_blocking=True), train=train)
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
@@ -143,7 +153,7 @@ def train_one_epoch(
     for step, batch in enumerate(bar):
         if batch is None:  # every image of the batch was skipped as undecodable
             continue
-        images = to_device(batch["image"], device, channels_last)
+        images = prepare_images(batch["image"], device, train=True, channels_last=channels_last)
         target = batch["target"].to(device, non_blocking=True).float()
         where = f"in epoch {epoch}, batch {step}"
         _check_finite(images, "input", batch.get("path"), where)
@@ -200,13 +210,13 @@ class Predictions:
             return out[:, 0], tgt[:, 0]
         return distribution_mean(out), distribution_mean(tgt)
 
-    def metrics(self, variant: str) -> dict:
-        """SRCC, PLCC, accuracy, MSE (0..1 scale for tad66k), EMD (ava), loss, per theme."""
+    def metrics(self, variant: str, per_theme: bool = True) -> dict:
+        """SRCC, PLCC, accuracy, MSE (0..1 scale for tad66k), EMD (ava), loss, and per theme when asked."""
         pred, true = self.scores(variant)
         dists = {}
         if variant == "ava":
             dists = {"pred_dist": np.stack(self.output), "true_dist": np.stack(self.target)}
-        themes = self.theme if any(self.theme) else None
+        themes = self.theme if per_theme and any(self.theme) else None
         result = evaluation_metrics(pred, true, threshold=0.5 if variant == "tad66k" else 5.0, themes=themes, **dists)
         result["loss"] = self.loss_sum / max(len(self.index), 1)
         return result
@@ -230,7 +240,7 @@ def predict(
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
         if batch is None:
             continue
-        images = to_device(batch["image"], device, channels_last)
+        images = prepare_images(batch["image"], device, train=False, channels_last=channels_last)
         _check_finite(images, "input", batch["path"], f"in {desc}")
         with autocast(device, amp):
             out = model(images)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from tensorboardX import SummaryWriter
 
 import option
-from dataset import DataError, build_datasets, check_images_exist, collate_skip_none
+from dataset import DataError, build_datasets, check_images_exist, collate_skip_none, resolve_csv_dir
 from engine import (
     NonFiniteError,
     Predictions,
@@ -38,8 +38,10 @@ from models import (
     parameter_groups,
     resolve_weights,
 )
+from reporting import ReportError, write_report
 from util import (
     CheckpointError,
+    DownloadError,
     RunLock,
     RunLockedError,
     atomic_save_json,
@@ -55,6 +57,8 @@ from util import (
 try:
     import nni
 except ImportError:  # NNI is optional for plain runs
+    nni = None
+if nni is not None and not hasattr(nni, "get_experiment_id"):  # a folder named nni/ on the path, not NNI
     nni = None
 
 REPO = Path(__file__).resolve().parent
@@ -112,22 +116,14 @@ def setup_logging(out: Path | None) -> None:
     logging.getLogger("dataset").handlers = handlers
 
 
-def csv_folder(args: argparse.Namespace) -> Path | None:
-    """The dataset's CSV folder; accepts the reference's ``.../merge/`` form too."""
-    if not args.path_to_save_csv:
-        return None
-    folder = Path(args.path_to_save_csv)
-    if args.dataset == "tad66k" and (folder / "train.csv").is_file() and (folder.parent / "unmerge").is_dir():
-        return folder.parent
-    return folder
-
-
 def load_data(args: argparse.Namespace, out: Path | None) -> dict:
     sets = build_datasets(
-        args.dataset, variant=args.variant, image_dir=args.path_to_images, csv_dir=csv_folder(args),
-        validation=args.validation, val_fraction=args.val_fraction, seed=args.seed,
+        args.dataset, variant=args.variant, image_dir=args.path_to_images,
+        csv_dir=resolve_csv_dir(args.dataset, args.path_to_save_csv),
+        validation=args.validation, val_fraction=args.val_fraction, seed=args.split_seed,
         score_range=tuple(args.score_range), skip_bad=args.skip_bad, train_csv=args.train_csv,
         val_csv=args.val_csv, test_csv=args.test_csv,
+        demo_options={"n_train": args.demo_images[0], "n_test": args.demo_images[1], "seed": 0},
     )
     for split, ds in sets.items():
         if args.max_images is not None and len(ds) > args.max_images:
@@ -137,13 +133,13 @@ def load_data(args: argparse.Namespace, out: Path | None) -> dict:
     return sets
 
 
-def build_model(args: argparse.Namespace, device: torch.device) -> TANet:
+def build_model(args: argparse.Namespace, device: torch.device, weights: Path | None) -> TANet:
+    """TANet with the weights of ``weights`` (a TANet checkpoint), else the backbones of ``--backbones``."""
     model = TANet(args.variant, theme_fusion=args.theme_fusion)
     unsafe = args.allow_unsafe_load
-    if args.path_to_model_weight:
-        path = resolve_weights(args.path_to_model_weight, directory=args.checkpoints_dir, download_missing=args.download)
-        load_tanet_weights(model, path, allow_unsafe=unsafe)
-        log.info("weights: %s", path)
+    if weights is not None:
+        load_tanet_weights(model, weights, allow_unsafe=unsafe)
+        log.info("weights: %s", weights)
     elif args.backbones == "pretrained":
         kw = {"directory": args.checkpoints_dir, "download_missing": args.download}
         load_places365_resnet18(model, resolve_weights("resnet18_places365.pth.tar", **kw), allow_unsafe=unsafe)
@@ -191,6 +187,18 @@ def final_results(preds: Predictions, args, split: str, checkpoint: str, extra: 
             "theme_fusion": args.theme_fusion, "eval_batch_size": args.eval_batch_size, **extra}
 
 
+def make_report(out: Path, args: argparse.Namespace, device: torch.device, checkpoint: str | None) -> None:
+    """The figures and HTML report of the run (``--no_report`` skips it); a failure only warns."""
+    if args.no_report:
+        return
+    try:
+        report = write_report(out, device=str(device), num_workers=args.num_workers, progress=not args.quiet,
+                              checkpoint=checkpoint, options=vars(args) if args.test_only else None)
+        log.info("report: %s", report.html)
+    except (ReportError, DataError, CheckpointError) as exc:
+        log.warning("report not written: %s", exc)
+
+
 def summary(metrics: dict) -> str:
     keys = ("srcc", "plcc", "accuracy", "mse", "emd", "loss")
     return ", ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)
@@ -233,17 +241,22 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device, o
     is_main = rank == 0
     data = load_data(args, out if is_main else None)
     log.info("data: %s", ", ".join(f"{k} {len(v)}" for k, v in data.items()))
-    model = build_model(args, device)
+    weights = None
+    if args.path_to_model_weight:
+        weights = resolve_weights(args.path_to_model_weight, directory=args.checkpoints_dir,
+                                  download_missing=args.download)
+    model = build_model(args, device, weights)
     loss_name = default_loss(args.variant) if args.loss == "auto" else args.loss
     criterion = make_criterion(loss_name)
     report_criterion = make_criterion("mse") if args.variant == "tad66k" else make_criterion("emd_reference")
 
     if args.test_only:
         preds = evaluate(model, data["test"], args, device, report_criterion, rank, world, "test")
-        results = final_results(preds, args, "test", str(args.path_to_model_weight), {})
+        results = final_results(preds, args, "test", str(weights), {})
         if is_main:
             write_predictions(preds, args.variant, out / "test_predictions.csv")
             atomic_save_json(results, out / "results.json")
+            make_report(out, args, device, str(weights))
         log.info("test: %s (%d images)", summary(results), results["n_images"])
         return results
 
@@ -288,7 +301,7 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device, o
         train_loss = train_one_epoch(net, loader, optimizer, criterion, device, epoch=epoch, amp=args.amp,
                                      scaler=scaler, channels_last=args.channels_last,
                                      progress=not args.quiet and is_main)
-        val = evaluate(net, data["val"], args, device, val_criterion, rank, world, "val").metrics(args.variant)
+        val = evaluate(net, data["val"], args, device, val_criterion, rank, world, "val").metrics(args.variant, per_theme=False)
         seconds = time.time() - started
         value = val[args.metric]
         improved = is_better(value, state["best_metric"])
@@ -335,6 +348,7 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device, o
         if in_experiment():
             nni.report_final_result({"default": _finite(results[args.metric]), "srcc": _finite(results["srcc"]),
                                      "plcc": _finite(results["plcc"]), "accuracy": results["accuracy"]})
+        make_report(out, args, device, None)
     return results
 
 
@@ -363,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if lock is not None:
                 lock.release()
-    except (DataError, CheckpointError, RunLockedError, NonFiniteError, FileNotFoundError, ValueError) as exc:
+    except (DataError, CheckpointError, RunLockedError, NonFiniteError, FileNotFoundError, ValueError,
+            DownloadError) as exc:
         log.error("error: %s", exc)
         return 1
     finally:

@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="split: select the best epoch on a validation split carved from train; "
                           "test: the reference protocol (select on the test split)")
     run.add_argument("--val_fraction", type=float, default=0.1, help="share of train carved out for validation")
+    run.add_argument("--split_seed", type=int, default=0,
+                     help="seed of the validation split (kept apart from --seed so every run shares one split)")
     run.add_argument("--metric", choices=SELECTION_METRICS, default="srcc",
                      help="validation metric that selects the best epoch and is NNI's 'default' "
                           "(the reference used accuracy)")
@@ -92,8 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--skip_missing", action="store_true",
                       help="drop images missing from --path_to_images (listed in missing_images.txt)")
     data.add_argument("--skip_bad", action="store_true", help="skip (and log) images that cannot be decoded")
+    data.add_argument("--demo_images", type=int, nargs=2, default=(480, 160), metavar=("TRAIN", "TEST"),
+                      help="--dataset demo: how many training and test images to generate")
     data.add_argument("--cache_dir", type=str, default=None,
-                      help="prepared-dataset cache built by tools/prepare_cache.py (see README, Speed)")
+                      help="read the images from this prepared-dataset cache (built by tools/prepare_cache.py "
+                           "with the same data options; see README, Speed)")
 
     weights = p.add_argument_group("weights")
     weights.add_argument("--backbones", choices=("pretrained", "random"), default=None,

@@ -1,0 +1,82 @@
+"""A real NNI experiment: nnictl create with the CPU demo config, two trials, every one must succeed."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+nni_experiment = pytest.importorskip("nni.experiment")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def nnictl() -> list[str]:
+    exe = shutil.which("nnictl") or str(Path(sys.executable).with_name("nnictl"))
+    return [exe]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_nni_demo_experiment_runs_two_successful_trials(demo_root, tmp_path):
+    text = (REPO / "experiments" / "config_demo_cpu.yml").read_text()
+    extra = f" --demo_images 48 16 --path_to_save_csv {demo_root}"
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("trialCommand:"):
+            line += extra
+        elif line.startswith("searchSpaceFile:"):
+            line = f"searchSpaceFile: {REPO / 'experiments' / 'search_space_demo.json'}"
+        elif line.startswith("trialCodeDirectory:"):
+            line = f"trialCodeDirectory: {REPO}"
+        lines.append(line)
+    lines.append(f"experimentWorkingDirectory: {tmp_path / 'nni-experiments'}")
+    config = tmp_path / "config.yml"
+    config.write_text("\n".join(lines) + "\n")
+
+    port = free_port()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    created = subprocess.run([*nnictl(), "create", "--config", str(config), "--port", str(port)],
+                             capture_output=True, text=True, timeout=180, env=env, cwd=REPO)
+    assert created.returncode == 0, created.stdout + created.stderr
+    experiment = None
+    try:
+        experiment = nni_experiment.Experiment.connect(port)
+        deadline = time.time() + 900
+        while experiment.get_status() not in ("DONE", "STOPPED", "ERROR", "NO_MORE_TRIAL"):
+            assert time.time() < deadline, "NNI experiment did not finish in 15 minutes"
+            time.sleep(3)
+        jobs = experiment.list_trial_jobs()
+        assert len(jobs) == 2, jobs
+        for job in jobs:
+            assert job.status == "SUCCEEDED", (job.trialJobId, job.status, job.stderrPath)
+            final = job.finalMetricData[0].data
+            while isinstance(final, str):
+                final = json.loads(final)
+            assert math.isfinite(final["srcc"]), final
+            assert "default" in final
+    finally:
+        if experiment is not None:
+            subprocess.run([*nnictl(), "stop", experiment.id], capture_output=True, text=True, timeout=120, env=env)
+        else:
+            subprocess.run([*nnictl(), "stop", "--all"], capture_output=True, text=True, timeout=120, env=env)
+    deadline = time.time() + 60
+    while port_open(port) and time.time() < deadline:
+        time.sleep(1)
+    assert not port_open(port), "the NNI manager is still running"

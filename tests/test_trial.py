@@ -1,0 +1,128 @@
+"""The trial script end to end on a few demo images: train, test-only, resume, options, NNI parameters."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import main_nni
+import option
+from util import safe_torch_load
+
+# 16 images of each split, 2 epochs of 2 batches: a few seconds on a CPU.
+BASE = ["--dataset", "demo", "--demo_images", "48", "16", "--max_images", "16", "--batch_size", "8",
+        "--num_workers", "0", "--device", "cpu", "--quiet", "--no_report"]
+
+
+def run_main(demo_root, out, *extra) -> int:
+    return main_nni.main([*BASE, "--path_to_save_csv", str(demo_root), "--experiment_dir_name", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def trained(demo_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert run_main(demo_root, out, "--num_epoch", "2") == 0
+    return out
+
+
+def test_training_writes_results_checkpoints_and_logs(trained):
+    results = json.loads((trained / "results.json").read_text())
+    for key in ("srcc", "plcc", "accuracy", "mse", "n_images", "split", "checkpoint", "per_theme", "best_epoch"):
+        assert key in results
+    assert results["n_images"] == 16 and results["split"] == "test"
+    assert len(results["history"]) == 2
+    assert {"srcc", "plcc", "n"} <= set(next(iter(results["per_theme"].values())))
+    for name in ("best.pth", "last.pth", "train.log", "test_predictions.csv"):
+        assert (trained / name).is_file(), name
+    assert list((trained / "logs").iterdir()), "no tensorboard events"
+    last = safe_torch_load(trained / "last.pth")
+    assert last["epoch"] == 2 and last["variant"] == "tad66k"
+    assert {"model", "optimizer", "rng", "options", "best_metric"} <= set(last)
+    assert not (trained / ".lock").exists()
+
+
+def test_test_only_reproduces_the_training_runs_test_metrics(trained, demo_root, tmp_path):
+    assert run_main(demo_root, tmp_path, "--test_only", "--path_to_model_weight", str(trained / "best.pth")) == 0
+    again = json.loads((tmp_path / "results.json").read_text())
+    first = json.loads((trained / "results.json").read_text())
+    for key in ("srcc", "plcc", "accuracy", "mse", "n_images"):
+        assert again[key] == first[key], key
+
+
+def test_resume_continues_to_the_same_weights(trained, demo_root, tmp_path):
+    assert run_main(demo_root, tmp_path, "--num_epoch", "1") == 0
+    assert run_main(demo_root, tmp_path, "--num_epoch", "2", "--resume") == 0
+    a = safe_torch_load(trained / "last.pth")["model"]
+    b = safe_torch_load(tmp_path / "last.pth")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "results.json").read_text())["srcc"] == json.loads(
+        (trained / "results.json").read_text())["srcc"]
+
+
+def test_existing_run_is_not_overwritten_without_resume(trained, demo_root):
+    before = (trained / "last.pth").read_bytes()
+    assert run_main(demo_root, trained, "--num_epoch", "1") == 1
+    assert (trained / "last.pth").read_bytes() == before
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(demo_root, tmp_path, monkeypatch, caplog):
+    assert run_main(demo_root, tmp_path, "--num_epoch", "1") == 0
+    good = (tmp_path / "last.pth").read_bytes()
+    monkeypatch.setattr(main_nni, "make_criterion", lambda name: lambda p, t: (p - t).sum() * float("nan"))
+    assert run_main(demo_root, tmp_path, "--num_epoch", "2", "--resume") == 1
+    assert (tmp_path / "last.pth").read_bytes() == good
+    assert "non-finite loss" in (tmp_path / "train.log").read_text()
+
+
+def test_missing_weights_and_bad_options_fail_clearly(demo_root, tmp_path, capsys):
+    assert run_main(demo_root, tmp_path, "--test_only") == 2
+    assert "--test_only needs --path_to_model_weight" in capsys.readouterr().err
+    assert run_main(demo_root, tmp_path, "--batch_size", "0") == 2
+    assert run_main(demo_root, tmp_path, "--test_only", "--path_to_model_weight", str(tmp_path / "nope.pth")) == 1
+
+
+def test_reference_option_names_and_float_learning_rates():
+    args = option.init(["--init_lr_head", "1e-7", "--path_to_images", "x", "--gpu_id", "1", "--num_epoch", "3"])
+    assert args.init_lr_head == 1e-7 and isinstance(args.init_lr_head, float)
+    for name in ("path_to_images", "path_to_save_csv", "experiment_dir_name", "path_to_model_weight",
+                 "init_lr_res365_last", "init_lr_mobileNet", "init_lr_head", "init_lr_head_rgb",
+                 "init_lr_hypernet", "init_lr_tygertnet", "init_lr", "num_epoch", "batch_size",
+                 "num_workers", "gpu_id"):
+        assert hasattr(args, name), name
+
+
+@pytest.mark.parametrize("dataset,batch,epochs,variant", [("tad66k", 40, 200, "tad66k"), ("ava", 48, 20, "ava")])
+def test_dataset_defaults_follow_the_reference(dataset, batch, epochs, variant):
+    args = option.apply_dataset_defaults(option.init(["--dataset", dataset]))
+    assert (args.batch_size, args.num_epoch, args.variant, args.eval_batch_size) == (batch, epochs, variant, batch)
+
+
+def test_nni_parameters_override_and_are_checked():
+    args = option.init([])
+    option.merge_nni_parameters(args, {"batch_size": 48.0, "init_lr_head": 1e-6, "theme_fusion": "isolated"})
+    assert args.batch_size == 48 and isinstance(args.batch_size, int)
+    assert args.init_lr_head == 1e-6 and args.theme_fusion == "isolated"
+    with pytest.raises(ValueError, match="'learning_rate' is not an option"):
+        option.merge_nni_parameters(args, {"learning_rate": 1e-3})
+    with pytest.raises(ValueError, match="'batch_size' must be an integer"):
+        option.merge_nni_parameters(args, {"batch_size": 40.5})
+    with pytest.raises(ValueError, match="'init_lr' must be a number"):
+        option.merge_nni_parameters(args, {"init_lr": "fast"})
+    with pytest.raises(ValueError, match="not one of"):
+        option.merge_nni_parameters(args, {"theme_fusion": "mean"})
+
+
+def test_ill_typed_nni_parameter_stops_the_trial(demo_root, tmp_path, monkeypatch, capsys):
+    class FakeNNI:
+        @staticmethod
+        def get_experiment_id():
+            return "exp"
+
+        @staticmethod
+        def get_next_parameter():
+            return {"batch_size": "big"}
+
+    monkeypatch.setattr(main_nni, "nni", FakeNNI)
+    assert run_main(demo_root, tmp_path) == 2
+    assert "'batch_size' must be an integer" in capsys.readouterr().err
