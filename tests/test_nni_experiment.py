@@ -59,10 +59,16 @@ def test_nni_demo_experiment_runs_two_successful_trials(demo_root, tmp_path):
     try:
         experiment = nni_experiment.Experiment.connect(port)
         deadline = time.time() + 900
-        while experiment.get_status() not in ("DONE", "STOPPED", "ERROR", "NO_MORE_TRIAL"):
+        finished = {"SUCCEEDED", "FAILED", "USER_CANCELED", "SYS_CANCELED", "EARLY_STOPPED"}
+        while True:
+            status = experiment.get_status()
+            jobs = experiment.list_trial_jobs()
+            if status in ("DONE", "STOPPED", "ERROR") or (
+                status == "NO_MORE_TRIAL" and len(jobs) == 2 and all(j.status in finished for j in jobs)
+            ):
+                break
             assert time.time() < deadline, "NNI experiment did not finish in 15 minutes"
             time.sleep(3)
-        jobs = experiment.list_trial_jobs()
         assert len(jobs) == 2, jobs
         for job in jobs:
             assert job.status == "SUCCEEDED", (job.trialJobId, job.status, job.stderrPath)
