@@ -1,0 +1,167 @@
+"""Score your own images with a trained TANet (1..10 scale).
+
+    python predict.py photos/ --path_to_model_weight SRCC_513_LCC_531_MSE_016.pth --output scores.csv
+
+Exit status: 0 when every image was scored, 1 when some could not be, 2 for a usage error.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Sequence
+
+import torch
+from tqdm import tqdm
+
+from scoring import (
+    AMP_MODES,
+    NO_WEIGHTS_HELP,
+    SORT_ORDERS,
+    ScoreResult,
+    Scorer,
+    ScoringWarning,
+    check_output_path,
+    collect_images,
+    default_num_workers,
+    rank_results,
+    write_results,
+)
+from util import DownloadError
+
+PROG = "predict.py"
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Score images with a trained TANet on the 1..10 scale. PATH: an image, a folder of images, "
+                    "a .txt list (one path per line) or a .csv list (an 'image' column).",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="images, folders, .txt or .csv image lists")
+    w = p.add_argument_group("weights")
+    w.add_argument("--path_to_model_weight", default=None,
+                   help="TANet checkpoint: a path, or a released file name looked up in --checkpoints_dir")
+    w.add_argument("--variant", choices=("tad66k", "ava"), default=None,
+                   help="model variant, only needed when the checkpoint does not tell (it must agree with it)")
+    w.add_argument("--checkpoints_dir", default=None, help="folder of weight files (default: $TANET_CHECKPOINTS "
+                                                          "or checkpoints/)")
+    w.add_argument("--download", action="store_true", help="download a released checkpoint that is not there yet")
+    w.add_argument("--allow_unsafe_load", action="store_true",
+                   help="allow weight files that need full unpickling (can run code: trusted files only)")
+    i = p.add_argument_group("inputs")
+    i.add_argument("--recursive", action="store_true", help="also score the images in subfolders of a folder")
+    i.add_argument("--path_to_images", default=None,
+                   help="folder that relative paths in .txt / .csv lists are relative to (default: the list's folder)")
+    o = p.add_argument_group("output")
+    o.add_argument("--output", default=None, help="write the results to this .csv or .json file")
+    o.add_argument("--sort", choices=SORT_ORDERS, default=None,
+                   help="order by score (default: input order; best-first for --top, worst-first for --bottom)")
+    only = o.add_mutually_exclusive_group()
+    only.add_argument("--top", type=_positive, default=None, metavar="N", help="report only the N best images")
+    only.add_argument("--bottom", type=_positive, default=None, metavar="N", help="report only the N worst images")
+    o.add_argument("--quiet", action="store_true", help="no progress bar")
+    r = p.add_argument_group("run")
+    r.add_argument("--theme_fusion", choices=("isolated", "batch"), default="isolated",
+                   help="isolated (default): every image scored alone; "
+                        "batch: the reference (scores depend on batch-mates)")
+    r.add_argument("--batch_size", type=_positive, default=32, help="images per forward pass (default: 32)")
+    r.add_argument("--num_workers", type=_non_negative, default=default_num_workers(),
+                   help="image-loading processes (default: min(4, CPU cores))")
+    r.add_argument("--device", default="auto", help="auto (CUDA when present; the default), cpu, cuda or cuda:N")
+    r.add_argument("--amp", choices=AMP_MODES, default="none",
+                   help="autocast precision (default: none; fp16: CUDA only)")
+    r.add_argument("--threads", type=_positive, default=None,
+                   help="CPU threads of the model (default: PyTorch's; 1 can be faster on a small or busy CPU)")
+    return p
+
+
+def format_table(results: Sequence[ScoreResult], variant: str) -> str:
+    """The results as an aligned text table: image, score (and std for ava), error."""
+    header = ["image", "score", *(["std"] if variant == "ava" else []), "error"]
+    lines = [header]
+    for r in results:
+        row = [r.image, "" if r.score is None else f"{r.score:.3f}"]
+        if variant == "ava":
+            row.append("" if r.std is None else f"{r.std:.3f}")
+        lines.append([*row, r.error or ""])
+    widths = [max(len(line[c]) for line in lines) for c in range(len(header) - 1)]
+    numeric = range(1, len(header) - 1)
+    text = []
+    for line in lines:
+        cells = [line[c].rjust(widths[c]) if c in numeric else line[c].ljust(widths[c]) for c in range(len(widths))]
+        text.append("  ".join([*cells, line[-1]]).rstrip())
+    return "\n".join(text)
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _print_warning
+        warnings.simplefilter("always", ScoringWarning)
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        if args.output is not None:
+            check_output_path(args.output)
+        if not args.path_to_model_weight:
+            raise ValueError(NO_WEIGHTS_HELP)
+        images = collect_images(args.paths, recursive=args.recursive, path_to_images=args.path_to_images)
+        if not images:
+            raise ValueError(f"no images found in {' '.join(args.paths)}")
+        scorer = Scorer(
+            args.path_to_model_weight, variant=args.variant, device=args.device, theme_fusion=args.theme_fusion,
+            batch_size=args.batch_size, amp=args.amp, num_workers=args.num_workers,
+            allow_unsafe_load=args.allow_unsafe_load, checkpoints_dir=args.checkpoints_dir, download=args.download,
+        )
+    except (ValueError, FileNotFoundError, DownloadError) as exc:  # CheckpointError, DataError are ValueErrors
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    results = []
+    for result in scorer.iter_results(images, progress=not args.quiet):
+        if result.error is not None:
+            tqdm.write(f"{PROG}: failed: {result.error}", file=sys.stderr)
+        results.append(result)
+
+    shown = rank_results(results, sort=args.sort, top=args.top, bottom=args.bottom)
+    print(format_table(shown, scorer.variant))
+    if args.output is not None:
+        try:
+            write_results(shown, args.output, scorer.variant)
+        except OSError as exc:
+            print(f"{PROG}: error: cannot write {args.output}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    failed = sum(r.error is not None for r in results)
+    done = f"scored {len(results) - failed} of {len(results)} images"
+    print(f"{PROG}: {done}" + (f"; {failed} failed" if failed else "")
+          + (f"; results in {args.output}" if args.output else ""), file=sys.stderr)
+    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,513 @@
+"""Score your own images with a trained TANet: find the images, load the weights, run the
+model batch by batch, and write the per-image results.
+
+``predict.py`` is the command line on top of this module.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import os
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from dataset import IMAGE_FORMATS, DataError, build_transform, load_image, to_rgb
+from engine import autocast
+from models import RELEASED, VARIANTS, TANet, load_checked, read_tanet_checkpoint, resolve_weights
+from util import atomic_save_json, atomic_write, distribution_mean, distribution_std, resolve_device
+
+ImageSource = Union[str, os.PathLike, Image.Image]
+LIST_SUFFIXES = (".txt", ".csv")
+OUTPUT_FORMATS = (".csv", ".json")
+SORT_ORDERS = ("none", "desc", "asc")
+AMP_MODES = ("none", "bf16", "fp16")
+NUM_BINS = 10
+INPUT_SHAPE = (3, 224, 224)
+
+NO_WEIGHTS_HELP = (
+    "no TANet weights given: pass --path_to_model_weight with a checkpoint, either a released one "
+    f"({RELEASED['tad66k']} for variant tad66k, {RELEASED['ava']} for variant ava; put it in checkpoints/ "
+    "or add --download to fetch it), or one you trained with main_nni.py (runs/<name>/best.pth)"
+)
+BATCH_FUSION_WARNING = (
+    "theme_fusion='batch' (the reference's scoring): each image's score depends on the other images of its "
+    "batch, so on the batch size and the input order; use the default 'isolated' for per-image scores"
+)
+
+
+class ScoringError(ValueError):
+    """Bad input to the scorer: weights, variant, option or image list (the message names it)."""
+
+
+class ScoringWarning(UserWarning):
+    """Something the user should know about a scoring run (batch-coupled scores, an empty folder)."""
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """One image's result: ``score`` on 1..10 (None if it failed); for ava also the ``std`` and
+    the ten-bin ``distribution`` over the scores 1..10; ``error`` says why it failed (None if fine)."""
+
+    image: str
+    score: float | None = None
+    std: float | None = None
+    distribution: tuple[float, ...] | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+# --------------------------------------------------------------------------- finding images
+
+def image_extensions() -> frozenset[str]:
+    """Lower-case file extensions Pillow registers for the formats ``load_image`` opens."""
+    return frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in IMAGE_FORMATS)
+
+
+def _is_hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def images_in_folder(folder: str | os.PathLike, *, recursive: bool = False) -> list[str]:
+    """The image files of a folder (by extension, any case), sorted; hidden files
+    (``.name``, e.g. macOS ``._photo.jpg``) skipped; subfolders too when ``recursive``."""
+    root = str(folder)
+    extensions = image_extensions()
+    found = []
+    for here, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
+        for name in sorted(files):
+            path = os.path.join(here, name)
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions:
+                found.append(path)
+    return found
+
+
+def _read_text(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ScoringError(f"image list {path} cannot be read: {exc}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ScoringError(f"image list {path}: line {line} is not valid UTF-8; save the file as UTF-8") from None
+
+
+def images_in_text_list(path: str | os.PathLike, *, base: str | os.PathLike | None = None) -> list[str]:
+    """The paths listed in a text file, one per line (blank lines and ``#`` comments skipped);
+    relative paths are taken relative to ``base`` (default: the list file's folder)."""
+    path = Path(path)
+    folder = Path(base) if base is not None else path.parent
+    names = [line.strip() for line in _read_text(path).splitlines()]
+    names = [name for name in names if name and not name.startswith("#")]
+    if not names:
+        raise ScoringError(f"image list {path} lists no images")
+    return [str(folder / name) for name in names]
+
+
+def images_in_csv_list(path: str | os.PathLike, *, base: str | os.PathLike | None = None) -> list[str]:
+    """The paths in the ``image`` column of a CSV; relative paths are taken relative to ``base``
+    (default: the CSV's folder)."""
+    path = Path(path)
+    folder = Path(base) if base is not None else path.parent
+    text = _read_text(path)
+    try:
+        rows = list(csv.reader(io.StringIO(text)))
+    except csv.Error as exc:
+        raise ScoringError(f"image list {path} is not a valid CSV: {exc}") from None
+    rows = [row for row in rows if any(cell.strip() for cell in row)]
+    if not rows:
+        raise ScoringError(f"image list {path} is empty (no header, no rows)")
+    header = [cell.strip() for cell in rows[0]]
+    if "image" not in header:
+        raise ScoringError(f"image list {path} has no 'image' column (columns: {', '.join(header) or 'none'})")
+    column = header.index("image")
+    names = []
+    for number, row in enumerate(rows[1:], start=1):
+        name = row[column].strip() if column < len(row) else ""
+        if not name:
+            raise ScoringError(f"image list {path}: row {number} has an empty image")
+        names.append(str(folder / name))
+    if not names:
+        raise ScoringError(f"image list {path} has a header but no rows")
+    return names
+
+
+def collect_images(
+    paths: Iterable[str | os.PathLike],
+    *,
+    recursive: bool = False,
+    path_to_images: str | os.PathLike | None = None,
+) -> list[str]:
+    """Expand command-line paths into image paths, in order: a folder gives its images, a ``.txt``
+    or ``.csv`` file the images it lists (relative to ``path_to_images`` if given, else to the
+    list's folder), anything else is taken as an image (a missing one fails when scored)."""
+    images: list[str] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = images_in_folder(path, recursive=recursive)
+            if not found:
+                hint = "" if recursive else " (add --recursive to look in subfolders)"
+                warnings.warn(f"folder {path} holds no image files{hint}", ScoringWarning, stacklevel=2)
+            images += found
+        elif path.suffix.lower() in LIST_SUFFIXES:
+            if not path.is_file():
+                raise ScoringError(f"image list {path} not found")
+            reader = images_in_csv_list if path.suffix.lower() == ".csv" else images_in_text_list
+            images += reader(path, base=path_to_images)
+        else:
+            images.append(str(raw))
+    return images
+
+
+# --------------------------------------------------------------------------- loading images
+
+class _ImageSources(Dataset):
+    """Paths or PIL images -> (index, normalised tensor or None, error or None)."""
+
+    def __init__(self, sources: Sequence[ImageSource], transform: Any) -> None:
+        self.sources = sources
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, index: int) -> tuple[int, Tensor | None, str | None]:
+        source = self.sources[index]
+        try:
+            image = to_rgb(source) if isinstance(source, Image.Image) else load_image(source)
+            return index, self.transform(image), None
+        except DataError as exc:  # the message names the file
+            return index, None, str(exc)
+        except Exception as exc:  # noqa: BLE001 - one bad image must not stop the others
+            return index, None, f"image {_name(source, index)} could not be prepared: {type(exc).__name__}: {exc}"
+
+
+def _collate(items: list[tuple[int, Tensor | None, str | None]]) -> dict[str, Any]:
+    good = [(i, t) for i, t, _ in items if t is not None]
+    return {
+        "index": [i for i, _, _ in items],
+        "errors": {i: e for i, _, e in items if e is not None},
+        "good": [i for i, _ in good],
+        "images": torch.stack([t for _, t in good]) if good else None,
+    }
+
+
+def _name(source: Any, index: int) -> str:
+    if isinstance(source, Image.Image):
+        return getattr(source, "filename", "") or f"<image {index}>"
+    return str(source)
+
+
+def default_num_workers() -> int:
+    """min(4, usable CPU cores)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(4, cores)
+
+
+# --------------------------------------------------------------------------- the scorer
+
+class Scorer:
+    """A TANet ready to score images on the 1..10 scale.
+
+    ``weights``: a checkpoint path or a released file's name (looked up in ``checkpoints_dir``,
+    downloaded there with ``download=True``). The variant is read from the checkpoint; ``variant``
+    is only needed when it cannot be told, and must agree with it otherwise.
+    ``theme_fusion="isolated"`` scores every image alone (independent of batch and order);
+    ``"batch"`` is the reference's batch-coupled scoring.
+    """
+
+    def __init__(
+        self,
+        weights: str | os.PathLike | None,
+        *,
+        variant: str | None = None,
+        device: str = "auto",
+        theme_fusion: str = "isolated",
+        batch_size: int = 32,
+        amp: str = "none",
+        num_workers: int = 0,
+        allow_unsafe_load: bool = False,
+        checkpoints_dir: str | os.PathLike | None = None,
+        download: bool = False,
+    ) -> None:
+        if weights is None or str(weights) == "":
+            raise ScoringError(NO_WEIGHTS_HELP)
+        if variant is not None and variant not in VARIANTS:
+            raise ScoringError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
+        target = resolve_device(device)
+        _check_options(target, theme_fusion, batch_size, amp, num_workers)  # before the slow part
+        path = resolve_weights(weights, directory=checkpoints_dir, download_missing=download)
+        state, meta = read_tanet_checkpoint(path, allow_unsafe=allow_unsafe_load)
+        known = meta.get("variant")
+        if known is not None and known not in VARIANTS:
+            raise ScoringError(f"checkpoint {path} names an unknown variant {known!r}")
+        if known is not None and variant is not None and known != variant:
+            raise ScoringError(f"checkpoint {path} is a {known!r} model, but variant {variant!r} was asked for; "
+                               f"drop --variant (it is read from the checkpoint) or pick the right file")
+        if known is None and variant is None:
+            raise ScoringError(f"the variant of checkpoint {path} cannot be told from the file; pass --variant")
+        model = TANet(known or variant, theme_fusion=theme_fusion)
+        hint = "" if any(k.startswith("mobileNet.") for k in state) else "this does not look like a TANet checkpoint"
+        load_checked(model, state, str(path), hint)
+        self._setup(model.to(target), target, theme_fusion, batch_size, amp, num_workers)
+        self.checkpoint: Path | None = path
+
+    @classmethod
+    def from_model(
+        cls,
+        model: TANet,
+        *,
+        device: str | torch.device | None = None,
+        theme_fusion: str = "isolated",
+        batch_size: int = 32,
+        amp: str = "none",
+        num_workers: int = 0,
+    ) -> "Scorer":
+        """A scorer for an in-memory TANet. It is used where it is (``device`` None) or moved to
+        ``device``; its eval/train mode and ``theme_fusion`` are set only while scoring."""
+        if not isinstance(model, TANet):
+            raise TypeError(f"Scorer.from_model needs a TANet, got {type(model).__name__}")
+        self = cls.__new__(cls)
+        if device is None:
+            target = next(model.parameters()).device
+        else:
+            target = device if isinstance(device, torch.device) else resolve_device(device)
+        _check_options(target, theme_fusion, batch_size, amp, num_workers)
+        model.to(target)
+        self._setup(model, target, theme_fusion, batch_size, amp, num_workers)
+        self.checkpoint = None
+        return self
+
+    def _setup(self, model: TANet, device: torch.device, theme_fusion: str, batch_size: int, amp: str,
+               num_workers: int) -> None:
+        self.model = model
+        self.device = device
+        self.theme_fusion = theme_fusion
+        self.batch_size = batch_size
+        self.amp = amp
+        self.num_workers = num_workers
+        self.transform = build_transform(model.variant, train=False)
+        if theme_fusion == "batch":
+            warnings.warn(BATCH_FUSION_WARNING, ScoringWarning, stacklevel=3)
+
+    @property
+    def variant(self) -> str:
+        return self.model.variant
+
+    def __repr__(self) -> str:
+        source = f"checkpoint={str(self.checkpoint)!r}" if self.checkpoint else "in-memory model"
+        return (f"Scorer({source}, variant={self.variant!r}, device={str(self.device)!r}, "
+                f"theme_fusion={self.theme_fusion!r}, batch_size={self.batch_size}, amp={self.amp!r})")
+
+    # ---- public scoring
+
+    def score(self, x: Any) -> float | list[float]:
+        """Score(s) on 1..10 of a path, PIL image or (3, 224, 224) tensor (a float), or of a list of
+        paths / images or a (B, 3, 224, 224) tensor (a list). Raises ScoringError for a bad image."""
+        single = _is_single(x)
+        results = self.score_detailed(x)
+        failed = next((r for r in results if r.error is not None), None)
+        if failed is not None:
+            raise ScoringError(failed.error)
+        scores = [r.score for r in results]
+        return scores[0] if single else scores
+
+    def score_detailed(self, x: Any) -> list[ScoreResult]:
+        """One ScoreResult per image, in input order; bad images carry an ``error`` and no score."""
+        if isinstance(x, Tensor):
+            return list(self._tensor_results(x))
+        sources = [x] if _is_single(x) else _check_sources(x)
+        return list(self.iter_results(sources))
+
+    def iter_results(self, sources: Sequence[ImageSource], *, progress: bool = False) -> Iterator[ScoreResult]:
+        """Stream ScoreResults, in order, for paths or PIL images: images are loaded batch by
+        batch (``num_workers`` loader processes) and dropped once scored."""
+        if not sources:
+            return
+        dataset = _ImageSources(sources, self.transform)
+        batches = math.ceil(len(sources) / self.batch_size)
+        workers = min(self.num_workers, batches)
+        loader = DataLoader(
+            dataset, batch_size=self.batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
+            pin_memory=self.device.type == "cuda", **({"prefetch_factor": 2} if workers else {}),
+        )
+        show = progress and len(sources) > self.batch_size
+        with tqdm(total=len(sources), unit="img", desc="scoring", disable=not show, dynamic_ncols=True) as bar:
+            for batch in loader:
+                outputs = self._forward(batch["images"]) if batch["images"] is not None else None
+                row_of = {i: r for r, i in enumerate(batch["good"])}
+                for i in batch["index"]:
+                    name = _name(sources[i], i)
+                    if i in batch["errors"]:
+                        yield ScoreResult(image=name, error=batch["errors"][i])
+                    else:
+                        yield self._result(name, outputs[row_of[i]])
+                bar.update(len(batch["index"]))
+
+    # ---- internals
+
+    @torch.no_grad()
+    def _forward(self, images: Tensor) -> Tensor:
+        with self._scoring_mode(), autocast(self.device, self.amp):
+            out = self.model(images.to(self.device, non_blocking=True))
+        return out.float().cpu()
+
+    @contextlib.contextmanager
+    def _scoring_mode(self) -> Iterator[None]:
+        """Eval mode and this scorer's theme fusion, restored afterwards (the model may be shared)."""
+        was_training, fusion = self.model.training, self.model.theme_fusion
+        self.model.eval()
+        self.model.theme_fusion = self.theme_fusion
+        try:
+            yield
+        finally:
+            self.model.theme_fusion = fusion
+            self.model.train(was_training)
+
+    def _result(self, name: str, output: Tensor) -> ScoreResult:
+        values = output.double().numpy()
+        if not np.isfinite(values).all():
+            return ScoreResult(image=name, error=f"image {name}: the model gave a non-finite output {values.tolist()}")
+        if self.variant == "tad66k":
+            return ScoreResult(image=name, score=float(values[0]) * 10.0)  # sigmoid 0..1 -> 1..10 scale
+        return ScoreResult(image=name, score=float(distribution_mean(values)), std=float(distribution_std(values)),
+                           distribution=tuple(float(v) for v in values))
+
+    def _tensor_results(self, x: Tensor) -> Iterator[ScoreResult]:
+        if x.ndim == 3:
+            x = x.unsqueeze(0)
+        if x.ndim != 4 or tuple(x.shape[1:]) != INPUT_SHAPE:
+            raise ScoringError(f"a tensor to score must be (3, 224, 224) or (B, 3, 224, 224), ImageNet-normalised; "
+                               f"got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ScoringError(f"a tensor to score must be floating point (normalised), got {x.dtype}")
+        for start in range(0, x.shape[0], self.batch_size):
+            outputs = self._forward(x[start:start + self.batch_size].float())
+            for offset, output in enumerate(outputs):
+                yield self._result(f"tensor[{start + offset}]", output)
+
+
+def _check_options(device: torch.device, theme_fusion: str, batch_size: int, amp: str, num_workers: int) -> None:
+    if theme_fusion not in ("batch", "isolated"):
+        raise ScoringError(f"theme_fusion must be 'isolated' or 'batch', got {theme_fusion!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ScoringError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ScoringError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+    if amp not in AMP_MODES:
+        raise ScoringError(f"amp must be one of {AMP_MODES}, got {amp!r}")
+    autocast(device, amp)  # refuses fp16 on the CPU now rather than at the first batch
+
+
+def _is_single(x: Any) -> bool:
+    if isinstance(x, Tensor):
+        return x.ndim == 3
+    return isinstance(x, (str, os.PathLike, Image.Image))
+
+
+def _check_sources(x: Any) -> list[ImageSource]:
+    if not isinstance(x, (list, tuple)):
+        raise TypeError(f"cannot score a {type(x).__name__}: give a path, a PIL image, a tensor, "
+                        f"or a list of paths / PIL images")
+    for i, item in enumerate(x):
+        if not isinstance(item, (str, os.PathLike, Image.Image)):
+            raise TypeError(f"item {i} of the list is a {type(item).__name__}, not a path or PIL image "
+                            f"(stack tensors into one (B, 3, 224, 224) tensor)")
+    return list(x)
+
+
+# --------------------------------------------------------------------------- ranking and writing
+
+def rank_results(
+    results: Sequence[ScoreResult],
+    *,
+    sort: str | None = None,
+    top: int | None = None,
+    bottom: int | None = None,
+) -> list[ScoreResult]:
+    """The results to report. ``top``/``bottom`` N: the N highest / lowest scores (failed images
+    left out), best-first / worst-first unless ``sort`` says otherwise. Else every result, in
+    input order (``sort`` None or "none") or by score with the failed ones last. Ties keep input order."""
+    if sort is not None and sort not in SORT_ORDERS:
+        raise ScoringError(f"sort must be one of {SORT_ORDERS}, got {sort!r}")
+    if top is not None and bottom is not None:
+        raise ScoringError("give top or bottom, not both")
+    for name, n in (("top", top), ("bottom", bottom)):
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ScoringError(f"{name} must be a positive integer, got {n!r}")
+    scored = [r for r in results if r.error is None]
+    by_score = sorted(scored, key=lambda r: r.score)  # stable: ties keep input order
+    if top is not None or bottom is not None:
+        if top is not None:
+            chosen = sorted(by_score, key=lambda r: -r.score)[:top]
+        else:
+            chosen = by_score[:bottom]
+        order = sort or ("desc" if top is not None else "asc")
+        if order == "none":
+            keep = {id(r) for r in chosen}
+            return [r for r in results if id(r) in keep]
+        return sorted(chosen, key=lambda r: -r.score if order == "desc" else r.score)
+    if sort in (None, "none"):
+        return list(results)
+    failed = [r for r in results if r.error is not None]
+    return (sorted(scored, key=lambda r: -r.score) if sort == "desc" else by_score) + failed
+
+
+def output_columns(variant: str) -> list[str]:
+    """``image, score, error``; for ava ``image, score, std, p1..p10, error``."""
+    extra = ["std", *(f"p{k}" for k in range(1, NUM_BINS + 1))] if variant == "ava" else []
+    return ["image", "score", *extra, "error"]
+
+
+def result_rows(results: Iterable[ScoreResult], variant: str) -> list[dict[str, Any]]:
+    """One dict per result with the ``output_columns``; None where there is no value, "" for no error."""
+    rows = []
+    for r in results:
+        row: dict[str, Any] = {"image": r.image, "score": r.score}
+        if variant == "ava":
+            row["std"] = r.std
+            dist = r.distribution or (None,) * NUM_BINS
+            row.update({f"p{k}": v for k, v in zip(range(1, NUM_BINS + 1), dist)})
+        row["error"] = r.error or ""
+        rows.append(row)
+    return rows
+
+
+def check_output_path(path: str | os.PathLike) -> str:
+    """The format (``.csv`` or ``.json``) of an output file name; ScoringError for another."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in OUTPUT_FORMATS:
+        raise ScoringError(f"--output {path}: unknown file type {suffix or '(none)'!r}; use a .csv or .json name")
+    return suffix
+
+
+def write_results(results: Iterable[ScoreResult], path: str | os.PathLike, variant: str) -> None:
+    """Write results atomically as CSV (empty cells for missing values) or JSON (a list of row
+    objects, null for missing values), chosen by the file's extension."""
+    fmt = check_output_path(path)
+    rows = result_rows(results, variant)
+    if fmt == ".json":
+        atomic_save_json(rows, path)
+        return
+    with atomic_write(path, "w") as f:
+        writer = csv.DictWriter(f, fieldnames=output_columns(variant), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
