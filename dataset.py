@@ -314,10 +314,12 @@ def read_ava_csv(path: str | os.PathLike) -> pd.DataFrame:
     for col in AVA_VOTE_COLUMNS + AVA_TAG_COLUMNS:
         what = "vote count" if col in AVA_VOTE_COLUMNS else "tag"
         values = _numbers(df, path, col, "image_id", what + " ")
-        bad = np.flatnonzero(~np.isfinite(values) | (values != np.round(values)) | (values < 0))
+        # at 2**53 and above, float64 (what the cell is parsed to) no longer holds every integer exactly
+        bad = np.flatnonzero(~np.isfinite(values) | (values != np.round(values)) | (values < 0) | (values >= 2 ** 53))
         if bad.size:
             i = int(bad[0])
-            problem = "is negative" if values[i] < 0 else "is not a whole number"
+            problem = ("is negative" if values[i] < 0 else "is too large" if values[i] >= 2 ** 53
+                       else "is not a whole number")
             raise DataError(f"CSV {path}: {_row_ref(df, i, 'image_id')}: {what} {col} = {df[col].iloc[i]!r} "
                             f"{problem}{f' ({bad.size} such rows)' if bad.size > 1 else ''}")
         out[col] = values.astype(np.int64)

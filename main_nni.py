@@ -48,6 +48,7 @@ from util import (
     atomic_torch_save,
     atomic_write,
     capture_rng_state,
+    remove_stale_temp_files,
     resolve_device,
     restore_rng_state,
     safe_torch_load,
@@ -109,7 +110,7 @@ def setup_logging(out: Path | None) -> None:
     fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if out is not None:
-        handlers.append(logging.FileHandler(out / "train.log"))
+        handlers.append(logging.FileHandler(out / "train.log", encoding="utf-8", errors="backslashreplace"))
     for h in handlers:
         h.setFormatter(fmt)
         log.addHandler(h)
@@ -356,6 +357,15 @@ def _finite(x: float) -> float:
     return x if not math.isnan(x) else 0.0  # NNI's tuners cannot take NaN; the results file keeps it
 
 
+def one_line(exc: BaseException) -> str:
+    """The error message on one line; for an error re-raised from a DataLoader worker (its message
+    holds the worker's traceback), the original message."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    if len(lines) > 1 and lines[0].startswith("Caught ") and lines[1].startswith("Original Traceback"):
+        return lines[-1].split(": ", 1)[-1]
+    return " ".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_options(argv)
@@ -365,21 +375,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = output_dir(args)
     try:
-        if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-        setup_logging(out if rank == 0 else None)
-        log.info("device %s, %d process(es), output %s", device, world, out)
+        setup_logging(None)  # stderr only: the folder may be another run's until the lock is ours
         lock = RunLock(out) if rank == 0 else None
         if lock is not None:
-            lock.acquire()
+            lock.acquire()  # creates the folder
         try:
+            setup_logging(out if rank == 0 else None)
+            log.info("device %s, %d process(es), output %s", device, world, out)
+            for stale in remove_stale_temp_files(out) if rank == 0 else []:
+                log.info("removed %s, a partial file left by an interrupted run", stale.name)
             run(args, rank, world, device, out)
         finally:
             if lock is not None:
                 lock.release()
-    except (DataError, CheckpointError, RunLockedError, NonFiniteError, FileNotFoundError, ValueError,
+    except (DataError, CheckpointError, RunLockedError, NonFiniteError, OSError, ValueError,
             DownloadError) as exc:
-        log.error("error: %s", exc)
+        log.error("error: %s", one_line(exc))
         return 1
     finally:
         if world > 1 and dist.is_initialized():

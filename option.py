@@ -23,15 +23,17 @@ SELECTION_METRICS = ("srcc", "plcc", "accuracy")
 
 # Defaults that depend on --dataset: the reference's for TAD66K and AVA, a CPU recipe for the demo.
 REFERENCE_LR = 3e-4  # the reference option.py's default for every learning rate
+_REFERENCE = {"backbones": "pretrained", "channels_last": False, **{k: REFERENCE_LR for k in LR_OPTIONS}}
 DATASET_DEFAULTS: dict[str, dict[str, object]] = {
-    "tad66k": {"batch_size": 40, "num_epoch": 200, "backbones": "pretrained", **{k: REFERENCE_LR for k in LR_OPTIONS}},
-    "csv": {"batch_size": 40, "num_epoch": 200, "backbones": "pretrained", **{k: REFERENCE_LR for k in LR_OPTIONS}},
-    "ava": {"batch_size": 48, "num_epoch": 20, "backbones": "pretrained", **{k: REFERENCE_LR for k in LR_OPTIONS}},
+    "tad66k": {"batch_size": 40, "num_epoch": 200, **_REFERENCE},
+    "csv": {"batch_size": 40, "num_epoch": 200, **_REFERENCE},
+    "ava": {"batch_size": 48, "num_epoch": 20, **_REFERENCE},
     # From scratch on 2 CPU cores: larger steps, few epochs (see README, "Demo dataset").
     "demo": {
         "batch_size": 16,
         "num_epoch": 10,
         "backbones": "random",
+        "channels_last": True,
         **{k: 1e-3 for k in LR_OPTIONS},
         "init_lr_res365_last": 0.0,
     },
@@ -113,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     speed = p.add_argument_group("speed")
     speed.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
                        help="autocast precision (fp16: CUDA only, with a gradient scaler)")
-    speed.add_argument("--channels_last", action="store_true", help="channels-last memory format")
+    speed.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
+                       help="channels-last memory format (same numbers; default: on for the demo, off otherwise)")
     speed.add_argument("--compile", action="store_true", help="torch.compile the model")
 
     out = p.add_argument_group("outputs")

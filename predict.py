@@ -24,6 +24,7 @@ from scoring import (
     check_output_path,
     collect_images,
     default_num_workers,
+    printable_name,
     rank_results,
     write_results,
 )
@@ -96,7 +97,7 @@ def format_table(results: Sequence[ScoreResult], variant: str) -> str:
     header = ["image", "score", *(["std"] if variant == "ava" else []), "error"]
     lines = [header]
     for r in results:
-        row = [r.image, "" if r.score is None else f"{r.score:.3f}"]
+        row = [printable_name(r.image), "" if r.score is None else f"{r.score:.3f}"]
         if variant == "ava":
             row.append("" if r.std is None else f"{r.std:.3f}")
         lines.append([*row, r.error or ""])

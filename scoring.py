@@ -477,11 +477,17 @@ def output_columns(variant: str) -> list[str]:
     return ["image", "score", *extra, "error"]
 
 
+def printable_name(name: str) -> str:
+    """A file name as valid Unicode: bytes that are not UTF-8 (kept by Python as surrogates) become
+    ``\\xNN`` escapes, so the name can be printed and written to UTF-8 files."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def result_rows(results: Iterable[ScoreResult], variant: str) -> list[dict[str, Any]]:
     """One dict per result with the ``output_columns``; None where there is no value, "" for no error."""
     rows = []
     for r in results:
-        row: dict[str, Any] = {"image": r.image, "score": r.score}
+        row: dict[str, Any] = {"image": printable_name(r.image), "score": r.score}
         if variant == "ava":
             row["std"] = r.std
             dist = r.distribution or (None,) * NUM_BINS

@@ -35,7 +35,7 @@ __all__ = [
     "srcc", "plcc", "accuracy", "mse", "emd", "emd_loss", "emd_loss_reference",
     "distribution_mean", "distribution_std", "srcc_accuracy_ratio", "per_theme_metrics",
     "evaluation_metrics",
-    "atomic_write", "atomic_save_json", "atomic_torch_save",
+    "atomic_write", "atomic_save_json", "atomic_torch_save", "remove_stale_temp_files",
     "CheckpointError", "UnsafeCheckpointError", "safe_torch_load", "sha256_file",
     "DownloadError", "download",
     "RunLockedError", "RunLock",
@@ -363,6 +363,23 @@ def atomic_torch_save(obj: Any, path: PathLike) -> None:
         torch.save(obj, f)
 
 
+_TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")  # what _temp_path_beside makes
+
+
+def remove_stale_temp_files(folder: PathLike) -> list[pathlib.Path]:
+    """Delete the temp files of atomic writes that a killed process left in `folder`; returns them.
+
+    Call it only while holding the folder's RunLock: nobody else can be writing there then.
+    """
+    removed = []
+    for p in sorted(pathlib.Path(folder).glob(".*.tmp")):
+        if _TEMP_NAME.fullmatch(p.name) and p.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 class CheckpointError(ValueError):
@@ -493,6 +510,9 @@ def download(url: str, dest: PathLike, *, sha256: str | None = None, timeout: fl
         raise
     except requests.exceptions.Timeout as exc:
         raise DownloadError(f"download of {url} timed out after {timeout} s ({type(exc).__name__})") from None
+    except requests.exceptions.SSLError as exc:
+        raise DownloadError(f"download of {url} failed: the server's TLS certificate could not be verified "
+                            f"(it stays refused; fix the server or your CA certificates): {_first_line(exc)}") from None
     except requests.exceptions.ChunkedEncodingError as exc:
         raise DownloadError(f"download of {url} was cut off: {_first_line(exc)}") from None
     except requests.exceptions.ConnectionError as exc:
@@ -571,8 +591,8 @@ class RunLock:
                         f"run folder {self.folder} is locked by pid {pid} on host {host}; cannot check "
                         f"that host, so if no run is active there delete {self.path}")
                 if _pid_alive(pid):
-                    raise RunLockedError(f"run folder {self.folder} is in use by another run (pid {pid}); "
-                                         f"wait for it to finish or use another folder")
+                    raise RunLockedError(f"run folder {self.folder} is in use by another run (pid {pid}, lock "
+                                         f"file {self.path}); wait for it to finish or use another folder")
                 warnings.warn(f"taking over stale lock {self.path} of dead process {pid}",
                               RuntimeWarning, stacklevel=2)
                 with contextlib.suppress(FileNotFoundError):
