@@ -17,6 +17,7 @@ import torch.distributed as dist
 from tensorboardX import SummaryWriter
 
 import option
+from cache import CachedDataset
 from dataset import DataError, build_datasets, check_images_exist, collate_skip_none, resolve_csv_dir
 from engine import (
     NonFiniteError,
@@ -131,6 +132,9 @@ def load_data(args: argparse.Namespace, out: Path | None) -> dict:
             ds.keep([i < args.max_images for i in range(len(ds))])
         missing_log = out / f"missing_images_{split}.txt" if out is not None else None
         check_images_exist(ds, skip_missing=args.skip_missing, missing_log=missing_log)
+    if args.cache_dir:  # images from tools/prepare_cache.py's cache; refused if stale (a DataError)
+        sets = {split: CachedDataset(ds, Path(args.cache_dir) / split) for split, ds in sets.items()}
+        log.info("images: cache %s", args.cache_dir)
     return sets
 
 

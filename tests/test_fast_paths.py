@@ -1,0 +1,198 @@
+"""The fast model paths against the plain float32 path: channels-last, bfloat16 / float16 autocast,
+the frozen theme ResNet without autograd, torch.compile, and the loader settings."""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine import autocast, make_loader, predict, prepare_images, to_device
+from golden import golden_input, golden_state_dict
+from models import TANet
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+CUDA = torch.device("cuda") if torch.cuda.is_available() else None
+
+
+def _model(variant: str = "tad66k", device: torch.device = CPU, channels_last: bool = False,
+           frozen: bool = True) -> TANet:
+    model = TANet(variant)
+    model.load_state_dict(golden_state_dict(variant), strict=True)
+    if frozen:
+        model.freeze_theme_backbone()
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _batches(n: int = 3) -> list[dict]:
+    x = golden_input(n)
+    return [{"image": x, "target": torch.linspace(0.2, 0.8, n)[:, None], "index": torch.arange(n),
+             "path": [f"p{i}" for i in range(n)], "theme": [""] * n}]
+
+
+def _predict(model: TANet, device: torch.device, amp: str = "none", channels_last: bool = False) -> torch.Tensor:
+    out = predict(model, _batches(), device, amp=amp, channels_last=channels_last, progress=False)
+    return torch.from_numpy(np.stack(out.output))
+
+
+def _train_step(model: TANet, device: torch.device, amp: str = "none", channels_last: bool = False):
+    """One train-mode forward and backward, as train_one_epoch does it: output, gradients, buffers."""
+    model.train()
+    batch = _batches()[0]
+    x = to_device(batch["image"], device, channels_last)
+    torch.manual_seed(11)  # the same dropout masks in every path
+    with autocast(device, amp):
+        out = model(x)
+    loss = torch.nn.functional.mse_loss(out.float(), batch["target"].to(device))
+    loss.backward()
+    grads = {n: p.grad.detach().float().cpu() for n, p in model.named_parameters() if p.grad is not None}
+    buffers = {n: b.detach().cpu() for n, b in model.named_buffers()}
+    return out.detach().float().cpu(), grads, buffers
+
+
+@functools.lru_cache(maxsize=None)
+def _reference() -> tuple:
+    """The plain float32 path: evaluation outputs, and a training step's output, gradients and buffers."""
+    return (_predict(_model(), CPU), *_train_step(_model(), CPU))
+
+
+def _flat(grads: dict) -> torch.Tensor:
+    return torch.cat([g.flatten() for _, g in sorted(grads.items())])
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))
+
+
+def test_channels_last_matches_fp32_in_eval_and_training():
+    ref, out_ref, g_ref, b_ref = _reference()
+    fast = _predict(_model(channels_last=True), CPU, channels_last=True)
+    assert (fast - ref).abs().max() < 1e-5
+    out_cl, g_cl, b_cl = _train_step(_model(channels_last=True), CPU, channels_last=True)
+    assert (out_cl - out_ref).abs().max() < 1e-5
+    assert g_cl.keys() == g_ref.keys()
+    # Train-mode BatchNorm backward cancels most of its terms, so float32 rounding differences of
+    # the convolution algorithms show as about 2% of the (small) MobileNet gradients: compare whole vectors.
+    a, b = _flat(g_cl), _flat(g_ref)
+    assert _cosine(a, b) > 0.999 and (a - b).norm() / b.norm() < 0.05
+    for name in b_ref:
+        assert torch.allclose(b_cl[name].float(), b_ref[name].float(), atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bfloat16_cpu_autocast_stays_close_to_fp32(channels_last):
+    ref, out_ref, g_ref, _ = _reference()
+    low = _predict(_model(channels_last=channels_last), CPU, amp="bf16", channels_last=channels_last)
+    assert torch.isfinite(low).all() and (low - ref).abs().max() < 0.05
+    out_low, g_low, _ = _train_step(_model(channels_last=channels_last), CPU, amp="bf16", channels_last=channels_last)
+    assert (out_low - out_ref).abs().max() < 0.05
+    assert all(torch.isfinite(g).all() for g in g_low.values())
+    # The heads' gradients agree; the MobileNet's, after train-mode BatchNorm backward in bfloat16,
+    # are mostly rounding (cosine about 0.3-0.4 with float32 at these random weights; see README, Speed).
+    for prefix in ("head.", "head_rgb.", "hypernet."):
+        names = [n for n in g_ref if n.startswith(prefix)]
+        a, b = (torch.cat([g[n].flatten() for n in names]) for g in (g_low, g_ref))
+        assert _cosine(a, b) > 0.98, prefix
+
+
+def test_frozen_theme_resnet_without_autograd_is_exact():
+    frozen = _model(frozen=True).train()
+    assert not frozen.forward_branches(golden_input(2))["theme_logits"].requires_grad  # no graph through the ResNet
+    _, out_f, g_f, b_f = _reference()
+    out_a, g_a, b_a = _train_step(_model(frozen=False), CPU)
+    assert torch.equal(out_f, out_a)
+    assert {n for n in g_a if not n.startswith("res365_last.")} == set(g_f)
+    assert any(n.startswith("res365_last.") for n in g_a)  # the other path did run autograd through it
+    for name in g_f:
+        assert torch.equal(g_f[name], g_a[name]), name
+    for name in b_f:  # the ResNet's BatchNorm statistics move the same way
+        assert torch.equal(b_f[name], b_a[name]), name
+
+
+def test_uint8_batches_give_the_same_input_in_every_memory_format():
+    images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    plain = prepare_images(images, CPU, train=False, channels_last=False)
+    fast = prepare_images(images, CPU, train=False, channels_last=True)
+    assert fast.is_contiguous(memory_format=torch.channels_last) and torch.equal(plain, fast)
+    assert plain.dtype == torch.float32 and plain.is_contiguous()
+
+
+def test_loader_settings():
+    data = list(range(10))
+    loader = make_loader(data, batch_size=4, train=False, num_workers=0, device=CPU)
+    assert not loader.pin_memory and [b.tolist() for b in loader] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    loader = make_loader(data, batch_size=4, train=True, num_workers=2, device=torch.device("cuda", 0))
+    assert loader.pin_memory and loader.num_workers == 2 and loader.prefetch_factor >= 2
+
+
+@pytest.mark.skipif(CUDA is None, reason="needs CUDA")
+@pytest.mark.parametrize("amp", ["fp16", "bf16"])
+def test_cuda_autocast_stays_close_to_fp32(amp):
+    ref = _predict(_model(device=CUDA), CUDA)
+    low = _predict(_model(device=CUDA, channels_last=True), CUDA, amp=amp, channels_last=True)
+    assert torch.isfinite(low).all() and (low - ref).abs().max() < 0.05
+    from engine import train_one_epoch
+    model = _model(device=CUDA, channels_last=True)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+    loss = train_one_epoch(model, _batches() * 2, optimizer, torch.nn.MSELoss(), CUDA, amp=amp, scaler=scaler,
+                           channels_last=True, progress=False)
+    assert loss == loss and loss < 1.0
+
+
+@pytest.mark.skipif(not os.environ.get("TANET_TEST_COMPILE"),
+                    reason="torch.compile takes minutes on a small CPU; set TANET_TEST_COMPILE=1 to run")
+def test_compiled_model_matches_eager():
+    compiled = torch.compile(_model())
+    ref = _reference()[0]
+    assert (_predict(compiled, CPU) - ref).abs().max() < 1e-4
+
+
+# --- tools/benchmark.py -------------------------------------------------------------------------
+
+def _benchmark_tool():
+    name = "tanet_benchmark_tool"
+    if name not in sys.modules:  # registered first: its dataclasses look their module up there
+        spec = importlib.util.spec_from_file_location(name, REPO / "tools" / "benchmark.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+def test_benchmark_path_names():
+    bench = _benchmark_tool()
+    assert bench.parse_path("fp32", CPU, train=True) == bench.ModelPath("fp32")
+    p = bench.parse_path("compile+bf16+channels_last", CPU, train=True)
+    assert (p.compile, p.amp, p.channels_last, p.isolated) == (True, "bf16", True, False)
+    assert bench.parse_path("isolated+bf16", CPU, train=False).isolated
+    for name, train, message in (("fp16", True, "needs CUDA"), ("bf16+fp16", True, "one of"),
+                                 ("isolated", True, "evaluation path"), ("freeze+bf16", False, "with compile"),
+                                 ("fp32+bf16", True, "unknown"), ("bf16+bf16", False, "repeated")):
+        with pytest.raises(ValueError, match=message):
+            bench.parse_path(name, CPU, train=train)
+
+
+def test_benchmark_writes_the_report(tmp_path, capsys):
+    bench = _benchmark_tool()
+    out = tmp_path / "bench.json"
+    argv = ["--device", "cpu", "--batch_size", "2", "--steps", "1", "--warmup", "0", "--paths", "fp32",
+            "--eval_paths", "fp32", "isolated", "--data_images", "2", "--image_size", "300", "200",
+            "--data_seconds", "0.01", "--json", str(out)]
+    assert bench.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert set(report["train"]) == {"fp32"} and set(report["eval"]) == {"fp32", "isolated"}
+    assert all(v > 0 for v in [*report["train"].values(), *report["eval"].values()])
+    assert set(report["data"]) == {"uncached", "cached"} and min(report["data"].values()) > 0
+    assert isinstance(report["machine"], str) and report["machine"]
+    assert "isolated" in capsys.readouterr().out
+    assert bench.main(["--paths", "fp16", "--device", "cpu"]) == 2

@@ -1,0 +1,568 @@
+"""Speed of TANet's training and evaluation paths and of the input pipeline, with and without the cache.
+
+    python tools/benchmark.py --batch_size 40 --steps 3 --json bench.json
+    python tools/benchmark.py --device cuda --largest_batch 256 --json bench_gpu.json
+    python tools/benchmark.py --accuracy --json bench.json     # also: how far each path moves SRCC/PLCC
+
+Model paths are named by the options they use, joined by '+': ``fp32`` (the plain float32 path, the
+reference computation), ``channels_last``, ``bf16``, ``fp16`` (CUDA), ``compile`` (torch.compile),
+``freeze`` (with compile: inductor's weight freezing, inference only) and ``isolated`` (evaluation with
+theme_fusion="isolated", which skips the theme ResNet: scores differ from the reference by design).
+Every path is timed on the same synthetic batch: ``--warmup`` untimed steps each, then ``--steps``
+timed rounds in which every path runs one step in turn (so a shared machine's changing load hits all
+paths alike; CUDA: synchronised); images/s is batch / median step time.  The input pipeline is timed in one
+thread (images/s per core) on generated JPEGs: decode + reference transform + collate, against cache
+read + collate + crop/flip/normalise.  Prints a table and writes JSON:
+``{"train": {path: img/s}, "eval": {path: img/s}, "data": {"uncached": img/s/core, "cached": img/s/core},
+"machine": str, ...}`` plus details (peak memory, step times, cache build rate, accuracy).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_DIR = Path(__file__).resolve().parents[1]
+if str(REPO_DIR) not in sys.path:  # run as `python tools/benchmark.py`
+    sys.path.insert(0, str(REPO_DIR))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils.data import default_collate  # noqa: E402
+
+from cache import CachedDataset, augment_batch, build_cache  # noqa: E402
+from dataset import ScoreImageDataset  # noqa: E402
+from engine import make_loader, predict, train_one_epoch  # noqa: E402
+from models import TANet  # noqa: E402
+from util import atomic_save_json, atomic_torch_save, resolve_device, seed_everything  # noqa: E402
+
+TOKENS = ("compile", "freeze", "isolated", "bf16", "fp16", "channels_last")
+CPU_TRAIN = ("fp32", "channels_last", "bf16", "bf16+channels_last")
+CPU_EVAL = CPU_TRAIN + ("isolated", "isolated+bf16+channels_last")
+CUDA_TRAIN = ("fp32", "channels_last", "bf16", "bf16+channels_last", "fp16", "fp16+channels_last")
+CUDA_EVAL = CUDA_TRAIN + ("isolated", "isolated+fp16+channels_last")
+
+
+@dataclass(frozen=True)
+class ModelPath:
+    """One way of running the model, parsed from its name."""
+
+    name: str
+    amp: str = "none"
+    channels_last: bool = False
+    compile: bool = False
+    freeze: bool = False
+    isolated: bool = False
+
+
+def parse_path(name: str, device: torch.device, *, train: bool) -> ModelPath:
+    """``bf16+channels_last`` -> ModelPath; ValueError naming what cannot work."""
+    tokens = name.split("+")
+    if tokens == ["fp32"]:
+        return ModelPath(name)
+    unknown = [t for t in tokens if t not in TOKENS]
+    if unknown or len(set(tokens)) != len(tokens):
+        raise ValueError(f"path {name!r}: unknown or repeated part(s) {unknown or tokens}; parts: fp32 alone, "
+                         f"or {', '.join(TOKENS)} joined by '+'")
+    if "bf16" in tokens and "fp16" in tokens:
+        raise ValueError(f"path {name!r}: choose one of bf16 and fp16")
+    if "fp16" in tokens and device.type != "cuda":
+        raise ValueError(f"path {name!r}: fp16 needs CUDA (use bf16 on the CPU)")
+    if "freeze" in tokens and ("compile" not in tokens or train):
+        raise ValueError(f"path {name!r}: freeze is for evaluation, with compile")
+    if "isolated" in tokens and train:
+        raise ValueError(f"path {name!r}: isolated is an evaluation path (training uses batch fusion)")
+    amp = "bf16" if "bf16" in tokens else "fp16" if "fp16" in tokens else "none"
+    return ModelPath(name, amp, "channels_last" in tokens, "compile" in tokens, "freeze" in tokens,
+                     "isolated" in tokens)
+
+
+# --------------------------------------------------------------------------- measuring
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """Peak memory while the block runs, in MiB: CUDA allocated memory, or this process's RSS on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak_mb = device, float("nan")
+        self._stop = threading.Event()
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self._peak = max(self._peak, self._rss())
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif os.path.exists("/proc/self/statm"):
+            self._peak = self._rss()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif hasattr(self, "_thread"):
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = max(self._peak, self._rss()) / 2**20
+
+
+def time_steps(step: Callable[[], None], device: torch.device, steps: int, warmup: int) -> list[float]:
+    """Seconds of each of `steps` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        synchronize(device)
+        started = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+@contextlib.contextmanager
+def inductor_freezing(on: bool) -> Iterator[None]:
+    if not on:
+        yield
+        return
+    import torch._inductor.config as inductor_config
+
+    old = inductor_config.freezing
+    inductor_config.freezing = True
+    try:
+        yield
+    finally:
+        inductor_config.freezing = old
+
+
+def build_model(path: ModelPath, device: torch.device, state: dict | None = None) -> tuple[TANet, torch.nn.Module]:
+    """(model, the module to call): the same weights for every path."""
+    seed_everything(0)
+    model = TANet("tad66k", theme_fusion="isolated" if path.isolated else "batch")
+    if state is not None:
+        model.load_state_dict(state)
+    model.freeze_theme_backbone()
+    model.to(device)
+    if path.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model, (torch.compile(model) if path.compile else model)
+
+
+def synthetic_batch(batch_size: int, device: torch.device) -> dict:
+    g = torch.Generator().manual_seed(batch_size)
+    image = torch.randn(batch_size, 3, 224, 224, generator=g)
+    if device.type == "cuda":
+        image = image.pin_memory()
+    return {"image": image, "target": torch.rand(batch_size, 1, generator=g), "index": torch.arange(batch_size),
+            "path": [f"img{i}" for i in range(batch_size)], "theme": [""] * batch_size}
+
+
+class Runner:
+    """One path's model, optimizer and batch, and its step (one training step or one evaluation pass)."""
+
+    def __init__(self, path: ModelPath, *, train: bool, batch_size: int, device: torch.device) -> None:
+        self.path, self.train, self.batch_size, self.device = path, train, batch_size, device
+        self.batch = synthetic_batch(batch_size, device)
+        self.model, self.net = build_model(path, device)
+        self.times: list[float] = []
+        self.peak_mb = float("nan")
+        if train:
+            self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=1e-5)
+            self.scaler = torch.amp.GradScaler("cuda") if path.amp == "fp16" else None
+
+    def step(self) -> None:
+        p = self.path
+        with inductor_freezing(p.freeze):
+            if self.train:
+                train_one_epoch(self.net, [self.batch], self.optimizer, torch.nn.MSELoss(), self.device, amp=p.amp,
+                                scaler=self.scaler, channels_last=p.channels_last, progress=False)
+            else:
+                predict(self.net, [self.batch], self.device, amp=p.amp, channels_last=p.channels_last, progress=False)
+
+    def timed_step(self) -> None:
+        with PeakMemory(self.device) as memory:
+            self.times += time_steps(self.step, self.device, 1, 0)
+        self.peak_mb = memory.peak_mb if self.peak_mb != self.peak_mb else max(self.peak_mb, memory.peak_mb)
+
+    def result(self) -> dict:
+        return {"images_per_s": self.batch_size / statistics.median(self.times),
+                "images_per_s_best": self.batch_size / min(self.times), "step_s": self.times,
+                "peak_memory_mb": self.peak_mb}
+
+
+def measure_paths(paths: list[ModelPath], *, train: bool, batch_size: int, device: torch.device, steps: int,
+                  warmup: int, log=lambda msg: None) -> tuple[dict, dict]:
+    """({name: result}, {name: error}): every path warmed up, then their timed steps interleaved
+    (round r times step r of every path), so a change of the machine's load hits all paths alike."""
+    runners, errors = {}, {}
+    kind = "train" if train else "eval"
+    for path in paths:
+        started = time.perf_counter()
+        try:
+            runner = Runner(path, train=train, batch_size=batch_size, device=device)
+            for _ in range(max(warmup, 2) if path.compile else warmup):
+                runner.step()
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one failing path must not lose the others
+            errors[path.name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            log(f"  {kind} {path.name}: FAILED ({errors[path.name]})")
+            continue
+        runners[path.name] = runner
+        log(f"  {kind} {path.name}: warmed up in {time.perf_counter() - started:.0f} s")
+    for _ in range(steps):
+        for runner in runners.values():
+            runner.timed_step()
+    results = {name: runner.result() for name, runner in runners.items()}
+    for name, r in results.items():
+        log(f"  {kind} {name}: {r['images_per_s']:.1f} img/s (steps {', '.join(f'{t:.2f}' for t in r['step_s'])} s; "
+            f"peak {r['peak_memory_mb']:.0f} MiB)")
+    del runners
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return results, errors
+
+
+def run_paths(names: list[str], *, train: bool, args, device: torch.device, log) -> tuple[dict, dict]:
+    paths = [parse_path(name, device, train=train) for name in names]
+    results, errors = measure_paths(paths, train=train, batch_size=args.batch_size, device=device, steps=args.steps,
+                                    warmup=args.warmup, log=log)
+    details = {name: results[name] if name in results else {"error": errors[name]} for name in names}
+    return {name: r["images_per_s"] for name, r in results.items()}, details
+
+
+def largest_batch(name: str, *, train: bool, args, device: torch.device, log) -> dict:
+    """The path's speed at the largest batch <= --largest_batch that fits (halving on out-of-memory)."""
+    size = args.largest_batch
+    path = parse_path(name, device, train=train)
+    while size >= args.batch_size:
+        try:
+            results, errors = measure_paths([path], train=train, batch_size=size, device=device, steps=args.steps,
+                                            warmup=args.warmup)
+            if errors:
+                return {"batch_size": size, "path": name, "error": errors[name]}
+            log(f"  {'train' if train else 'eval'} {name} at batch {size}: {results[name]['images_per_s']:.1f} img/s")
+            return {"batch_size": size, "path": name, **results[name]}
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            size //= 2
+    return {"batch_size": None, "path": name, "error": "out of memory down to --batch_size"}
+
+
+# --------------------------------------------------------------------------- input pipeline
+
+def make_jpegs(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> Path:
+    """n photo-like JPEGs (smooth colour fields plus grain, quality 90) and their CSV; returns the CSV."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    width, height = size
+    rows = []
+    for i in range(n):
+        base = Image.fromarray(rng.integers(0, 256, (height // 32 + 2, width // 32 + 2, 3), dtype=np.uint8))
+        smooth = np.asarray(base.resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
+        grain = rng.normal(0.0, 6.0, (height, width, 1)).astype(np.float32)
+        Image.fromarray(np.clip(smooth + grain, 0, 255).astype(np.uint8)).save(folder / f"b{i:04d}.jpg", quality=90)
+        rows.append(f"b{i:04d}.jpg,{1 + 9 * rng.random():.2f}\n")
+    csv = folder / "images.csv"
+    csv.write_text("image,score\n" + "".join(rows), encoding="utf-8")
+    return csv
+
+
+def _rate(step: Callable[[], int], min_seconds: float) -> float:
+    """images/s of repeated calls (each returns how many images it did) over at least min_seconds."""
+    step()  # warm up: file cache, allocator
+    done, started = 0, time.perf_counter()
+    while True:
+        done += step()
+        elapsed = time.perf_counter() - started
+        if elapsed >= min_seconds:
+            return done / elapsed
+
+
+def bench_data(args, work: Path, device: torch.device, log) -> dict:
+    """images/s per core of the training and evaluation input pipelines, uncached and cached (whose
+    crop, flip and normalisation run on the device, as in training)."""
+    csv = make_jpegs(work / "jpegs", args.data_images, tuple(args.image_size))
+    batch = min(args.batch_size, args.data_images)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # per core: everything below in this one thread
+    result: dict = {}
+    try:
+        for train in (True, False):
+            ds = ScoreImageDataset(csv, csv.parent, train=train)
+            started = time.perf_counter()
+            build_cache(ds, work / f"cache_{train}", workers=None, progress=False)
+            build_rate = len(ds) / (time.perf_counter() - started)
+            cached = CachedDataset(ds, work / f"cache_{train}")
+            batches = [list(range(i, min(i + batch, len(ds)))) for i in range(0, len(ds), batch)]
+
+            def uncached_pass() -> int:
+                for rows in batches:
+                    default_collate([ds[i] for i in rows])
+                return len(ds)
+
+            def cached_pass() -> int:  # as engine.prepare_images: crop, flip, normalise on the device
+                for rows in batches:
+                    images = default_collate([cached[i] for i in rows])["image"]
+                    augment_batch(images.to(device, non_blocking=True), train=train)
+                synchronize(device)
+                return len(ds)
+
+            key = "train" if train else "eval"
+            result[key] = {"uncached": _rate(uncached_pass, args.data_seconds),
+                           "cached": _rate(cached_pass, args.data_seconds),
+                           "cache_build_all_cores": build_rate}
+            log(f"  data {key}: uncached {result[key]['uncached']:.1f}, cached {result[key]['cached']:.1f} img/s "
+                f"per core ({result[key]['cached'] / result[key]['uncached']:.0f}x); cache build "
+                f"{build_rate:.1f} img/s on all cores")
+    finally:
+        torch.set_num_threads(threads)
+    return result
+
+
+# --------------------------------------------------------------------------- accuracy
+
+def bench_accuracy(args, device: torch.device, train_names: list[str], eval_names: list[str], work: Path,
+                   log) -> dict:
+    """Train TANet briefly on the demo data (fp32 and each of train_names), then evaluate: the fp32
+    checkpoint with every evaluation path, and every checkpoint in fp32; SRCC/PLCC and deltas."""
+    from demo_data import ensure_demo_dataset
+
+    n_train, n_test = args.accuracy_images
+    root = ensure_demo_dataset(Path(args.demo_root) if args.demo_root else work / "demo", n_train=n_train,
+                               n_test=n_test)
+    data = {}
+    for split, train in (("train", True), ("test", False)):
+        ds = ScoreImageDataset(root / "merge" / f"{split}.csv", root / "images", train=train)
+        build_cache(ds, work / f"demo_{split}", workers=None, progress=False)
+        data[split] = CachedDataset(ds, work / f"demo_{split}")
+
+    def evaluate(state: dict, name: str) -> tuple[dict, np.ndarray]:
+        path = parse_path(name, device, train=False)
+        model, net = build_model(path, device, state)
+        loader = make_loader(data["test"], batch_size=args.batch_size, train=False, num_workers=0, device=device)
+        with inductor_freezing(path.freeze):
+            preds = predict(net, loader, device, amp=path.amp, channels_last=path.channels_last, progress=False)
+        metrics = preds.metrics("tad66k", per_theme=False)
+        return {"srcc": metrics["srcc"], "plcc": metrics["plcc"]}, preds.scores("tad66k")[0]
+
+    def train(name: str) -> dict:
+        path = parse_path(name, device, train=True)
+        model, net = build_model(path, device)
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.accuracy_lr)
+        scaler = torch.amp.GradScaler("cuda") if path.amp == "fp16" else None
+        started = time.perf_counter()
+        for epoch in range(args.accuracy_epochs):
+            loader = make_loader(data["train"], batch_size=args.accuracy_train_batch, train=True, num_workers=0,
+                                 device=device, epoch=epoch)
+            train_one_epoch(net, loader, optimizer, torch.nn.MSELoss(), device, epoch=epoch, amp=path.amp,
+                            scaler=scaler, channels_last=path.channels_last, progress=False)
+        log(f"  accuracy: trained {name} for {args.accuracy_epochs} epoch(s) in {time.perf_counter() - started:.0f} s")
+        return copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+
+    if args.accuracy_checkpoint:
+        states = {"fp32": torch.load(args.accuracy_checkpoint, map_location="cpu", weights_only=True)}
+    else:
+        states = {"fp32": train("fp32")}
+        if args.accuracy_save:
+            atomic_torch_save(states["fp32"], args.accuracy_save)
+    ref, ref_scores = evaluate(states["fp32"], "fp32")
+    out: dict = {"setup": {"train_images": n_train, "test_images": n_test, "epochs": args.accuracy_epochs,
+                           "lr": args.accuracy_lr, "train_batch_size": args.accuracy_train_batch,
+                           "eval_batch_size": args.batch_size, "checkpoint": args.accuracy_checkpoint or "trained here",
+                           "fp32": ref}, "eval": {}, "train": {}}
+    log(f"  accuracy fp32: SRCC {ref['srcc']:.4f}, PLCC {ref['plcc']:.4f}")
+
+    def deltas(metrics: dict, scores: np.ndarray) -> dict:
+        return {**metrics, "abs_delta_srcc": abs(metrics["srcc"] - ref["srcc"]),
+                "abs_delta_plcc": abs(metrics["plcc"] - ref["plcc"]),
+                "max_abs_delta_score": float(np.max(np.abs(scores - ref_scores)) * 10.0)}  # on the 1..10 scale
+
+    for name in eval_names:
+        if name != "fp32":
+            try:
+                out["eval"][name] = deltas(*evaluate(states["fp32"], name))
+            except Exception as exc:  # noqa: BLE001
+                out["eval"][name] = {"error": f"{type(exc).__name__}: {exc}"}
+    for name in train_names:
+        if name != "fp32":
+            out["train"][name] = deltas(*evaluate(train(name), "fp32"))
+    for kind in ("eval", "train"):
+        for name, r in out[kind].items():
+            if "srcc" in r:
+                log(f"  accuracy {kind} {name}: SRCC {r['srcc']:.4f} (|d| {r['abs_delta_srcc']:.4f}), "
+                    f"PLCC {r['plcc']:.4f} "
+                    f"(|d| {r['abs_delta_plcc']:.4f}), max |d score| {r['max_abs_delta_score']:.4f}")
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+def machine(device: torch.device) -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    text = f"{cpu}, {cores} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        text = f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}); host: {text}"
+    return text
+
+
+def table(report: dict) -> str:
+    train, evals, details = report["train"], report["eval"], report["details"]
+    base_t, base_e = train.get("fp32"), evals.get("fp32")
+    lines = [f"machine: {report['machine']}",
+             f"device {report['device']}, batch {report['batch_size']}, median of {report['steps']} timed steps",
+             f"{'path':32s} {'train img/s':>11s} {'x fp32':>6s} {'peak MiB':>8s}   {'eval img/s':>10s} "
+             f"{'x fp32':>6s} {'peak MiB':>8s}"]
+
+    def cell(speeds: dict, base: float | None, kind: str, name: str) -> str:
+        if name not in speeds:
+            return f"{'failed' if name in details[kind] else '-':>11s} {'':>6s} {'':>8s}"
+        ratio = f"{speeds[name] / base:.2f}" if base else ""
+        return f"{speeds[name]:11.1f} {ratio:>6s} {details[kind][name]['peak_memory_mb']:8.0f}"
+
+    for name in dict.fromkeys([*details["train"], *details["eval"]]):
+        lines.append(f"{name:32s} {cell(train, base_t, 'train', name)}   {cell(evals, base_e, 'eval', name)}")
+    data = report.get("data_detail")
+    if data:
+        for kind in ("train", "eval"):
+            d = data[kind]
+            w, h = report["image_size"]
+            lines.append(f"input pipeline ({kind}, {w}x{h} JPEG, per core): "
+                         f"uncached {d['uncached']:.1f} img/s, cached {d['cached']:.1f} img/s "
+                         f"({d['cached'] / d['uncached']:.1f}x); cache build {d['cache_build_all_cores']:.1f} img/s "
+                         f"on all cores")
+    for key in ("largest_batch_train", "largest_batch_eval"):
+        if key in report:
+            r = report[key]
+            lines.append(f"{key.replace('_', ' ')}: {r['path']} at batch {r['batch_size']}: "
+                         + (f"{r['images_per_s']:.1f} img/s, peak {r['peak_memory_mb']:.0f} MiB" if "images_per_s" in r
+                            else r.get("error", "")))
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Benchmark TANet's training and evaluation paths and the input pipeline.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--batch_size", type=int, default=40)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per path (after the warm-up)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per path (compile paths: at least 2)")
+    p.add_argument("--paths", nargs="+", default=None, help="training paths (default: per device)")
+    p.add_argument("--eval_paths", nargs="+", default=None, help="evaluation paths (default: per device)")
+    p.add_argument("--image_size", type=int, nargs=2, default=(1024, 683), metavar=("W", "H"),
+                   help="size of the generated JPEGs of the input-pipeline benchmark")
+    p.add_argument("--data_images", type=int, default=40, help="generated JPEGs")
+    p.add_argument("--data_seconds", type=float, default=3.0, help="time each input pipeline for at least this long")
+    p.add_argument("--largest_batch", type=int, default=None,
+                   help="also time the fastest training and evaluation path at this batch (halved until it fits)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--skip", nargs="+", choices=("train", "eval", "data"), default=[], help="parts to leave out")
+    p.add_argument("--accuracy", action="store_true",
+                   help="also train briefly on the demo data and report how far each path moves SRCC/PLCC")
+    p.add_argument("--accuracy_images", type=int, nargs=2, default=(480, 160), metavar=("TRAIN", "TEST"))
+    p.add_argument("--accuracy_epochs", type=int, default=2)
+    p.add_argument("--accuracy_lr", type=float, default=1e-3)
+    p.add_argument("--accuracy_train_batch", type=int, default=16, help="training batch of --accuracy "
+                   "(evaluation uses --batch_size)")
+    p.add_argument("--accuracy_checkpoint", default=None,
+                   help="evaluate this fp32-trained state dict (from --accuracy_save) instead of training one")
+    p.add_argument("--accuracy_save", default=None, help="save the fp32-trained state dict here")
+    p.add_argument("--accuracy_train_paths", nargs="+", default=None,
+                   help="train with these paths too and evaluate in fp32 (default: the fastest non-compile "
+                        "training path measured; none with --accuracy_checkpoint)")
+    p.add_argument("--demo_root", default=None, help="demo data folder for --accuracy (default: a temporary one)")
+    p.add_argument("--json", default=None, help="write the results here (atomically)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+        for name in ("batch_size", "steps", "data_images"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+        if args.warmup < 0:
+            raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+        cuda = device.type == "cuda"
+        train_names = list(args.paths or (CUDA_TRAIN if cuda else CPU_TRAIN))
+        eval_names = list(args.eval_paths or (CUDA_EVAL if cuda else CPU_EVAL))
+        for names, train in ((train_names, True), (eval_names, False)):
+            for name in names:
+                parse_path(name, device, train=train)
+    except ValueError as exc:
+        print(f"benchmark.py: error: {exc}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    started = time.perf_counter()
+    report: dict = {"train": {}, "eval": {}, "data": {}, "machine": machine(device), "device": str(device),
+                    "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
+                    "image_size": list(args.image_size), "details": {"train": {}, "eval": {}}}
+    log(f"benchmark on {report['machine']}")
+    with tempfile.TemporaryDirectory(prefix="tanet-bench-") as tmp:
+        work = Path(tmp)
+        if "train" not in args.skip:
+            report["train"], report["details"]["train"] = run_paths(train_names, train=True, args=args, device=device,
+                                                                    log=log)
+        if "eval" not in args.skip:
+            report["eval"], report["details"]["eval"] = run_paths(eval_names, train=False, args=args, device=device,
+                                                                  log=log)
+        if args.largest_batch:
+            for kind, speeds in (("train", report["train"]), ("eval", report["eval"])):
+                batch_paths = [n for n in speeds if "isolated" not in n]
+                if batch_paths:
+                    best = max(batch_paths, key=speeds.get)
+                    report[f"largest_batch_{kind}"] = largest_batch(best, train=kind == "train", args=args,
+                                                                    device=device, log=log)
+        if "data" not in args.skip:
+            detail = bench_data(args, work, device, log)
+            report["data"] = {"uncached": detail["train"]["uncached"], "cached": detail["train"]["cached"]}
+            report["data_detail"] = detail
+        if args.accuracy:
+            fastest = [n for n in report["train"] if "compile" not in n and n != "fp32"]
+            acc_train = args.accuracy_train_paths or ([max(fastest, key=report["train"].get)]
+                                                      if fastest and not args.accuracy_checkpoint else [])
+            report["accuracy"] = bench_accuracy(args, device, acc_train, eval_names, work, log)
+    report["seconds"] = time.perf_counter() - started
+    print(table(report))
+    if args.json:
+        atomic_save_json(report, args.json)
+        log(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
