@@ -23,7 +23,7 @@ SELECTION_METRICS = ("srcc", "plcc", "accuracy")
 
 # Defaults that depend on --dataset: the reference's for TAD66K and AVA, a CPU recipe for the demo.
 REFERENCE_LR = 3e-4  # the reference option.py's default for every learning rate
-_REFERENCE = {"backbones": "pretrained", "channels_last": False, **{k: REFERENCE_LR for k in LR_OPTIONS}}
+_REFERENCE = {"backbones": "pretrained", "channels_last": False, "amp": "none", **{k: REFERENCE_LR for k in LR_OPTIONS}}
 DATASET_DEFAULTS: dict[str, dict[str, object]] = {
     "tad66k": {"batch_size": 40, "num_epoch": 200, **_REFERENCE},
     "csv": {"batch_size": 40, "num_epoch": 200, **_REFERENCE},
@@ -31,9 +31,10 @@ DATASET_DEFAULTS: dict[str, dict[str, object]] = {
     # From scratch on 2 CPU cores: larger steps, few epochs (see README, "Demo dataset").
     "demo": {
         "batch_size": 16,
-        "num_epoch": 10,
+        "num_epoch": 4,
         "backbones": "random",
         "channels_last": True,
+        "amp": "bf16",
         **{k: 1e-3 for k in LR_OPTIONS},
         "init_lr_res365_last": 0.0,
     },
@@ -96,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--skip_missing", action="store_true",
                       help="drop images missing from --path_to_images (listed in missing_images.txt)")
     data.add_argument("--skip_bad", action="store_true", help="skip (and log) images that cannot be decoded")
-    data.add_argument("--demo_images", type=int, nargs=2, default=(480, 160), metavar=("TRAIN", "TEST"),
+    data.add_argument("--demo_images", type=int, nargs=2, default=(2200, 320), metavar=("TRAIN", "TEST"),
                       help="--dataset demo: how many training and test images to generate")
     data.add_argument("--cache_dir", type=str, default=None,
                       help="read the images from this prepared-dataset cache (built by tools/prepare_cache.py "
@@ -113,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="allow weight files that need full unpickling (can run code: trusted files only)")
 
     speed = p.add_argument_group("speed")
-    speed.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
-                       help="autocast precision (fp16: CUDA only, with a gradient scaler)")
+    speed.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None,
+                       help="autocast precision (fp16: CUDA only, with a gradient scaler; default: bf16 for the demo, else none)")
     speed.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
                        help="channels-last memory format (same numbers; default: on for the demo, off otherwise)")
     speed.add_argument("--compile", action="store_true", help="torch.compile the model")

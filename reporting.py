@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import figures
 from dataset import build_datasets, check_images_exist, collate_skip_none, load_image, resolve_csv_dir
-from engine import make_loader, to_device
+from engine import autocast, make_loader, to_device
 from figures import ScoredImage, ThemeRow
 from models import TANet, read_tanet_checkpoint
 from models.rgb_attention import rgb_similarity
@@ -188,8 +188,9 @@ class ModelPass:
 
 @torch.no_grad()
 def model_pass(model: TANet, dataset, *, batch_size: int, limit: int | None, device: torch.device,
-               num_workers: int, progress: bool) -> ModelPass:
-    """The reference protocol: batches of ``batch_size`` in file order, theme fusion over the batch."""
+               num_workers: int, progress: bool, amp: str = "none", channels_last: bool = False) -> ModelPass:
+    """The reference protocol: batches of ``batch_size`` in file order, theme fusion over the batch,
+    in the run's precision and memory format."""
     n = len(dataset) if limit is None else min(limit, len(dataset))
     subset = torch.utils.data.Subset(dataset, range(n))
     loader = make_loader(subset, batch_size=batch_size, train=False, num_workers=num_workers, device=device,
@@ -198,8 +199,8 @@ def model_pass(model: TANet, dataset, *, batch_size: int, limit: int | None, dev
     for batch in tqdm(loader, desc="report", disable=not progress, leave=False, dynamic_ncols=True):
         if batch is None:
             continue
-        x = to_device(batch["image"], device, False)
-        with warnings.catch_warnings():
+        x = to_device(batch["image"], device, channels_last)
+        with warnings.catch_warnings(), autocast(device, amp):
             warnings.simplefilter("ignore", RuntimeWarning)  # ava at batch size 1: handled below
             out = model.forward_branches(x)
         h = out["theme_hidden"]
@@ -431,8 +432,12 @@ def _gather(*, checkpoint: Path, preds_csv: Path | None, results: Mapping, optio
         first = ScoreTable([Path(n).name for n in dataset.names[:max_images]], [], np.zeros(0), np.zeros(0))
         _attention_rows(attention_images, first)
 
+    amp = opts.get("amp") or "none"
+    if amp == "fp16" and device.type != "cuda":
+        amp = "none"
     run_pass = model_pass(model, dataset, batch_size=batch_size, limit=max_images, device=device,
-                          num_workers=num_workers, progress=progress)
+                          num_workers=num_workers, progress=progress, amp=amp,
+                          channels_last=bool(opts.get("channels_last")))
     pass_names = [Path(dataset.names[i]).name for i in run_pass.index]
     pass_pred = run_pass.pred(model.variant)
     rerun_diff = None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -10,3 +11,12 @@ def demo_root(tmp_path_factory):
     from demo_data import ensure_demo_dataset
 
     return ensure_demo_dataset(tmp_path_factory.mktemp("demo") / "demo", n_train=48, n_test=16)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: as fast on 2 idle cores, far faster on busy ones (no spinning threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -27,13 +27,7 @@ def _pixels(seed, size=(36, 24)):
     return np.clip(rng.integers(0, 256, 3) + rng.integers(-60, 60, (h, w, 3)), 0, 255).astype(np.uint8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: as fast on 2 idle cores, far faster on busy ones (no spinning threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -30,13 +30,7 @@ def _image(path, seed, size=(36, 24), mode="RGB"):
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: as fast on 2 idle cores, far faster on busy ones (no spinning threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
