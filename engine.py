@@ -42,10 +42,9 @@ def to_device(images: Tensor, device: torch.device, channels_last: bool) -> Tens
 def prepare_images(images: Tensor, device: torch.device, *, train: bool, channels_last: bool) -> Tensor:
     """The model input of a batch on ``device``: float images as they are; uint8 images (from a
     cache) moved as uint8, then randomly flipped and cropped (training) and normalised there."""
-    if images.dtype != torch.uint8:
-        return to_device(images, device, channels_last)
-    images = augment_batch(images.to(device, non_blocking=True), train=train)
-    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+    if images.dtype == torch.uint8:
+        images = augment_batch(images.to(device, non_blocking=True), train=train)
+    return to_device(images, device, channels_last)
 
 
 # --- losses -----------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from engine import (
     train_one_epoch,
 )
 from models import (
+    PARAM_GROUPS,
     TANet,
     load_mobilenet_v2,
     load_places365_resnet18,
@@ -168,7 +169,7 @@ def write_predictions(preds: Predictions, variant: str, path: Path) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["image", "theme", "true_score", "pred_score"])
-    for p, t, th, tr, pr in zip(preds.path, preds.theme, preds.index, true, pred):
+    for p, t, tr, pr in zip(preds.path, preds.theme, true, pred):
         writer.writerow([Path(p).name, t, f"{tr * scale:.6f}", f"{pr * scale:.6f}"])
     with atomic_write(path, "w") as f:
         f.write(buf.getvalue())
@@ -272,8 +273,7 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device, o
         unused = args.variant == "tad66k" or args.theme_fusion == "isolated"
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
-    lrs = {name: getattr(args, f"init_lr_{name}") for name in
-           ("res365_last", "mobileNet", "head", "head_rgb", "hypernet", "tygertnet")}
+    lrs = {name: getattr(args, f"init_lr_{name}") for name in PARAM_GROUPS}
     optimizer = torch.optim.Adam(parameter_groups(model, lrs), lr=args.init_lr)
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
 
@@ -297,7 +297,6 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device, o
                              f"or choose another --experiment_dir_name")
 
     writer = SummaryWriter(str(out / "logs")) if is_main else None
-    val_criterion = criterion
     for epoch in range(state["epoch"], args.num_epoch):
         loader = make_loader(data["train"], batch_size=args.batch_size, train=True, num_workers=args.num_workers,
                              device=device, seed=args.seed, epoch=epoch, rank=rank, world_size=world,
@@ -306,7 +305,8 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device, o
         train_loss = train_one_epoch(net, loader, optimizer, criterion, device, epoch=epoch, amp=args.amp,
                                      scaler=scaler, channels_last=args.channels_last,
                                      progress=not args.quiet and is_main)
-        val = evaluate(net, data["val"], args, device, val_criterion, rank, world, "val").metrics(args.variant, per_theme=False)
+        val = evaluate(net, data["val"], args, device, criterion, rank, world, "val")
+        val = val.metrics(args.variant, per_theme=False)
         seconds = time.time() - started
         value = val[args.metric]
         improved = is_better(value, state["best_metric"])
