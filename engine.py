@@ -144,34 +144,43 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     channels_last: bool = False,
     progress: bool = True,
+    before_step: Callable[[int], None] | None = None,
 ) -> float:
-    """One pass over ``loader`` in train mode; returns the mean loss per image."""
+    """One pass over ``loader`` in train mode; returns the mean loss per image.
+
+    ``before_step(i)`` runs before the optimiser's i-th step (a learning-rate schedule)."""
     model.train()
     total, count = 0.0, 0
     bar = tqdm(loader, desc=f"train {epoch}", disable=not progress, leave=False, dynamic_ncols=True)
     for step, batch in enumerate(bar):
         if batch is None:  # every image of the batch was skipped as undecodable
             continue
-        images = prepare_images(batch["image"], device, train=True, channels_last=channels_last)
-        target = batch["target"].to(device, non_blocking=True).float()
         where = f"in epoch {epoch}, batch {step}"
-        _check_finite(images, "input", batch.get("path"), where)
+        images = prepare_images(batch["image"], device, train=True, channels_last=channels_last)
+        if batch["image"].is_floating_point():  # uint8 images (the cache) are finite by construction
+            _check_finite(images, "input", batch.get("path"), where)  # before the forward updates BatchNorm
+        target = batch["target"].to(device, non_blocking=True).float()
         with autocast(device, amp):
             pred = model(images)
         pred = pred.float()
-        _check_finite(pred, "prediction", batch.get("path"), where)
         loss = criterion(pred, target)
-        _check_finite(loss, "loss", None, where)
         optimizer.zero_grad(set_to_none=True)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        # One device synchronisation per step, before the weights change: the loss, and whether
+        # the predictions are finite; the slow check only names the images.
+        loss_value, finite = torch.stack([loss.detach(), torch.isfinite(pred).all().float()]).tolist()
+        if not (math.isfinite(loss_value) and finite):
+            _check_finite(pred, "prediction", batch.get("path"), where)
+            _check_finite(loss, "loss", None, where)
+        if before_step is not None:
+            before_step(step)
         if scaler is not None:
-            scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
             optimizer.step()
         n = images.shape[0]
-        total += loss.item() * n
+        total += loss_value * n
         count += n
         bar.set_postfix(loss=f"{total / count:.4f}")
     return total / max(count, 1)
@@ -240,7 +249,8 @@ def predict(
         if batch is None:
             continue
         images = prepare_images(batch["image"], device, train=False, channels_last=channels_last)
-        _check_finite(images, "input", batch["path"], f"in {desc}")
+        if batch["image"].is_floating_point():  # uint8 images (the cache) are finite by construction
+            _check_finite(images, "input", batch["path"], f"in {desc}")
         with autocast(device, amp):
             out = model(images)
         out = out.float()

@@ -34,11 +34,14 @@ from engine import (
 from models import (
     PARAM_GROUPS,
     TANet,
+    fold_batchnorm,
     load_mobilenet_v2,
     load_places365_resnet18,
     load_tanet_weights,
+    lr_factor,
     parameter_groups,
     resolve_weights,
+    scale_learning_rates,
 )
 from reporting import ReportError, write_report
 from util import (
@@ -82,18 +85,40 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
     return option.check_options(option.apply_dataset_defaults(args))
 
 
+def place_process(device: str, gpu_id: str, backend: str, world: int, local_rank: int,
+                  cuda_devices: int) -> tuple[str, str | None]:
+    """(device name, process-group backend or None for one process) of this process.
+
+    Under torchrun each process takes the GPU of its local rank; NCCL needs one GPU per process,
+    gloo lets several processes share one (``--dist_backend gloo``).
+    """
+    if world == 1:
+        return (f"cuda:{gpu_id}" if device in ("auto", "cuda") and cuda_devices > 0 else device), None
+    cuda = device.startswith("cuda") or (device == "auto" and cuda_devices > 0)
+    if backend == "auto":
+        backend = "nccl" if cuda else "gloo"
+    if backend == "nccl" and not cuda:
+        raise ValueError("--dist_backend nccl needs CUDA devices; use gloo on the CPU")
+    if not cuda or cuda_devices == 0:  # no CUDA here: resolve_device names the problem
+        return device, backend
+    if local_rank >= cuda_devices and backend == "nccl":
+        raise ValueError(f"local rank {local_rank} has no GPU of its own ({cuda_devices} on this machine): NCCL "
+                         f"needs one GPU per process; lower --nproc_per_node, or pass --dist_backend gloo to share GPUs")
+    return f"cuda:{local_rank % cuda_devices}", backend
+
+
 def distributed_setup(args: argparse.Namespace) -> tuple[int, int, torch.device]:
     """(rank, world size, device); under torchrun, joins the process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    device_name = args.device
-    if device_name in ("auto", "cuda") and torch.cuda.is_available():
-        device_name = f"cuda:{args.gpu_id}" if world == 1 else f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    device = resolve_device(device_name)
-    if world == 1:
+    name, backend = place_process(args.device, args.gpu_id, args.dist_backend, world,
+                                  int(os.environ.get("LOCAL_RANK", "0")),
+                                  torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    device = resolve_device(name)
+    if backend is None:
         return 0, 1, device
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    dist.init_process_group(backend)
     return dist.get_rank(), world, device
 
 
@@ -176,6 +201,16 @@ def write_predictions(preds: Predictions, variant: str, path: Path) -> None:
 
 
 def evaluate(model, dataset, args, device, criterion, rank, world, desc) -> Predictions:
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        # Evaluate outside DDP: its forward is a collective, and the ranks may hold unequal numbers of
+        # batches. Take rank 0's BatchNorm statistics first, as its checkpoint holds them.
+        for buffer in model.module.buffers():
+            dist.broadcast(buffer, 0)
+        model = model.module
+    if args.fold_bn:  # an inference copy; a compiled model's folded copy runs eagerly
+        model = fold_batchnorm(getattr(model, "_orig_mod", model))
+        if args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
     loader = make_loader(
         dataset, batch_size=args.eval_batch_size, train=False, num_workers=args.num_workers, device=device,
         rank=rank, world_size=world, collate_fn=collate_skip_none,
@@ -183,6 +218,14 @@ def evaluate(model, dataset, args, device, criterion, rank, world, desc) -> Pred
     part = predict(model, loader, device, criterion=criterion, amp=args.amp, channels_last=args.channels_last,
                    progress=not args.quiet and rank == 0, desc=desc)
     return gather_predictions(part, world)
+
+
+def timed_evaluate(model, dataset, args, device, criterion, rank, world) -> tuple[Predictions, dict]:
+    """The test split's predictions, and how long they took (seconds, images/s, all processes together)."""
+    started = time.perf_counter()
+    preds = evaluate(model, dataset, args, device, criterion, rank, world, "test")
+    seconds = time.perf_counter() - started
+    return preds, {"test_seconds": round(seconds, 3), "test_images_per_s": round(len(preds.path) / seconds, 1)}
 
 
 def final_results(preds: Predictions, args, split: str, checkpoint: str, extra: dict) -> dict:
@@ -257,8 +300,8 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device, o
     report_criterion = make_criterion("mse") if args.variant == "tad66k" else make_criterion("emd_reference")
 
     if args.test_only:
-        preds = evaluate(model, data["test"], args, device, report_criterion, rank, world, "test")
-        results = final_results(preds, args, "test", str(weights), {})
+        preds, timing = timed_evaluate(model, data["test"], args, device, report_criterion, rank, world)
+        results = final_results(preds, args, "test", str(weights), timing)
         if is_main:
             write_predictions(preds, args.variant, out / "test_predictions.csv")
             atomic_save_json(results, out / "results.json")
@@ -302,9 +345,12 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device, o
                              device=device, seed=args.seed, epoch=epoch, rank=rank, world_size=world,
                              collate_fn=collate_skip_none)
         started = time.time()
-        train_loss = train_one_epoch(net, loader, optimizer, criterion, device, epoch=epoch, amp=args.amp,
-                                     scaler=scaler, channels_last=args.channels_last,
-                                     progress=not args.quiet and is_main)
+        total_steps, done_steps = args.num_epoch * len(loader), epoch * len(loader)
+        train_loss = train_one_epoch(
+            net, loader, optimizer, criterion, device, epoch=epoch, amp=args.amp, scaler=scaler,
+            channels_last=args.channels_last, progress=not args.quiet and is_main,
+            before_step=lambda i: scale_learning_rates(optimizer, lr_factor(args.lr_schedule, done_steps + i, total_steps)))
+        train_seconds = time.time() - started
         val = evaluate(net, data["val"], args, device, criterion, rank, world, "val")
         val = val.metrics(args.variant, per_theme=False)
         seconds = time.time() - started
@@ -314,6 +360,7 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device, o
             state["best_metric"], state["best_epoch"] = value, epoch + 1
         state["epoch"] = epoch + 1
         state["history"].append({"epoch": epoch + 1, "train_loss": train_loss, "seconds": seconds,
+                                 "train_images_per_s": round(len(data["train"]) / train_seconds, 1),
                                  **{f"val_{k}": v for k, v in val.items() if k != "per_theme"}})
         rng = all_rng_states(world)
         if is_main:
@@ -336,13 +383,15 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device, o
     if writer is not None:
         writer.close()
 
+    if world > 1:
+        dist.barrier()  # rank 0 has written the last epoch's best.pth before any rank reads it
     if best.is_file():
         model.load_state_dict(safe_torch_load(best)["model"])
         checkpoint = str(best)
     else:  # no epoch, or no finite validation metric: test the last weights
         checkpoint = str(last) if last.is_file() else "initial weights"
-    preds = evaluate(net, data["test"], args, device, report_criterion, rank, world, "test")
-    results = final_results(preds, args, "test", checkpoint, {
+    preds, timing = timed_evaluate(net, data["test"], args, device, report_criterion, rank, world)
+    results = final_results(preds, args, "test", checkpoint, {**timing,
         "best_epoch": state["best_epoch"], "selection": f"{args.metric} on {'test' if args.validation == 'test' else 'val'}",
         "best_val_metric": state["best_metric"], "history": state["history"],
     })

@@ -23,7 +23,9 @@ SELECTION_METRICS = ("srcc", "plcc", "accuracy")
 
 # Defaults that depend on --dataset: the reference's for TAD66K and AVA, a CPU recipe for the demo.
 REFERENCE_LR = 3e-4  # the reference option.py's default for every learning rate
-_REFERENCE = {"backbones": "pretrained", "channels_last": False, "amp": "none", **{k: REFERENCE_LR for k in LR_OPTIONS}}
+_REFERENCE = {"backbones": "pretrained", "channels_last": False, "amp": "none", "fold_bn": False,
+              "lr_schedule": "constant",
+              **{k: REFERENCE_LR for k in LR_OPTIONS}}
 DATASET_DEFAULTS: dict[str, dict[str, object]] = {
     "tad66k": {"batch_size": 40, "num_epoch": 200, **_REFERENCE},
     "csv": {"batch_size": 40, "num_epoch": 200, **_REFERENCE},
@@ -35,6 +37,8 @@ DATASET_DEFAULTS: dict[str, dict[str, object]] = {
         "backbones": "random",
         "channels_last": True,
         "amp": "bf16",
+        "fold_bn": True,
+        "lr_schedule": "constant",
         **{k: 1e-3 for k in LR_OPTIONS},
         "init_lr_res365_last": 0.0,
     },
@@ -69,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="seed of every random number generator")
     run.add_argument("--theme_fusion", choices=("batch", "isolated"), default="batch",
                      help="batch: the reference (theme feature depends on batch-mates); isolated: every image alone")
+    run.add_argument("--dist_backend", choices=("auto", "nccl", "gloo"), default="auto",
+                     help="under torchrun: auto (NCCL on GPUs, gloo on the CPU); gloo lets processes share a GPU")
     run.add_argument("--test_only", action="store_true", help="evaluate --path_to_model_weight on the test split")
     run.add_argument("--resume", action="store_true", help="continue the run in --experiment_dir_name")
     run.add_argument("--validation", choices=("split", "test"), default="split",
@@ -83,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--loss", choices=("auto", "mse", "emd", "emd_reference"), default="auto",
                      help="training loss; auto: mse (tad66k) or emd_reference (ava, the reference's batch-level "
                           "EMD r=2); emd: NIMA's per-image EMD r=2")
+    run.add_argument("--lr_schedule", choices=("constant", "cosine"), default=None,
+                     help="constant: the reference; cosine: every learning rate falls from its initial value "
+                          "towards 0 over the run, step by step (default: per dataset)")
     run.add_argument("--eval_batch_size", type=int, default=None,
                      help="evaluation batch size (default: --batch_size, as the reference)")
     run.add_argument("--max_images", type=int, default=None,
@@ -119,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
                        help="channels-last memory format (same numbers; default: on for the demo, off otherwise)")
     speed.add_argument("--compile", action="store_true", help="torch.compile the model")
+    speed.add_argument("--fold_bn", action=argparse.BooleanOptionalAction, default=None,
+                       help="evaluate a copy with each BatchNorm folded into its convolution (same numbers up to "
+                            "rounding; default: on for the demo, off otherwise)")
 
     out = p.add_argument_group("outputs")
     out.add_argument("--no_report", action="store_true", help="do not write the figures and HTML report at the end")
@@ -176,7 +188,7 @@ def merge_nni_parameters(args: argparse.Namespace, params: Mapping[str, object])
         if action.choices is not None and value not in action.choices:
             raise ValueError(f"NNI parameter {name!r}={value!r} is not one of {list(action.choices)}")
         kind = action.type
-        if isinstance(action, argparse._StoreTrueAction):
+        if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
             kind = bool
         if kind is int:
             if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):

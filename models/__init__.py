@@ -1,5 +1,6 @@
 """TANet (He et al., IJCAI 2022) and the helpers that load and train it."""
-from .optim import PARAM_GROUPS, parameter_groups
+from .folding import fold_batchnorm
+from .optim import LR_SCHEDULES, PARAM_GROUPS, lr_factor, parameter_groups, scale_learning_rates
 from .tanet import THEME_FUSION_MODES, VARIANTS, TANet
 from .weights import (
     REGISTRY,
@@ -16,6 +17,7 @@ from .weights import (
 )
 
 __all__ = [
+    "LR_SCHEDULES",
     "PARAM_GROUPS",
     "REGISTRY",
     "RELEASED",
@@ -24,12 +26,15 @@ __all__ = [
     "VARIANTS",
     "WeightFile",
     "checkpoints_dir",
+    "fold_batchnorm",
     "infer_variant",
     "load_checked",
     "load_mobilenet_v2",
     "load_places365_resnet18",
     "load_tanet_weights",
+    "lr_factor",
     "parameter_groups",
     "read_tanet_checkpoint",
     "resolve_weights",
+    "scale_learning_rates",
 ]

@@ -15,7 +15,7 @@ import torch
 
 from engine import autocast, make_loader, predict, prepare_images, to_device
 from golden import golden_input, golden_state_dict
-from models import TANet
+from models import TANet, fold_batchnorm
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -105,6 +105,26 @@ def test_bfloat16_cpu_autocast_stays_close_to_fp32(channels_last):
         assert _cosine(a, b) > 0.98, prefix
 
 
+@pytest.mark.parametrize("variant", ["tad66k", "ava"])
+def test_folded_batchnorm_matches_the_plain_model(variant):
+    model = _model(variant)
+    g = torch.Generator().manual_seed(5)
+    for m in model.modules():  # statistics far from the identity, so that folding has work to do
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 20 + 53  # ResNet-18, MobileNetV2
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the original is untouched
+    ref = _predict(model, CPU)
+    assert (_predict(folded, CPU) - ref).abs().max() < 1e-5
+    fast = fold_batchnorm(model).to(memory_format=torch.channels_last)
+    assert (_predict(fast, CPU, amp="bf16", channels_last=True) - ref).abs().max() < 0.05
+
+
 def test_frozen_theme_resnet_without_autograd_is_exact():
     frozen = _model(frozen=True).train()
     assert not frozen.forward_branches(golden_input(2))["theme_logits"].requires_grad  # no graph through the ResNet
@@ -175,9 +195,11 @@ def test_benchmark_path_names():
     p = bench.parse_path("compile+bf16+channels_last", CPU, train=True)
     assert (p.compile, p.amp, p.channels_last, p.isolated) == (True, "bf16", True, False)
     assert bench.parse_path("isolated+bf16", CPU, train=False).isolated
+    assert bench.parse_path("foldbn+bf16+channels_last", CPU, train=False).fold_bn
     for name, train, message in (("fp16", True, "needs CUDA"), ("bf16+fp16", True, "one of"),
                                  ("isolated", True, "evaluation path"), ("freeze+bf16", False, "with compile"),
-                                 ("fp32+bf16", True, "unknown"), ("bf16+bf16", False, "repeated")):
+                                 ("fp32+bf16", True, "unknown"), ("bf16+bf16", False, "repeated"),
+                                 ("foldbn+bf16", True, "folded BatchNorm cannot train")):
         with pytest.raises(ValueError, match=message):
             bench.parse_path(name, CPU, train=train)
 

@@ -32,6 +32,8 @@ def test_training_writes_results_checkpoints_and_logs(trained):
         assert key in results
     assert results["n_images"] == 16 and results["split"] == "test"
     assert len(results["history"]) == 2
+    assert all(epoch["train_images_per_s"] > 0 for epoch in results["history"])
+    assert results["test_images_per_s"] > 0 and results["test_seconds"] > 0
     assert {"srcc", "plcc", "n"} <= set(next(iter(results["per_theme"].values())))
     for name in ("best.pth", "last.pth", "train.log", "test_predictions.csv"):
         assert (trained / name).is_file(), name
@@ -126,3 +128,32 @@ def test_ill_typed_nni_parameter_stops_the_trial(demo_root, tmp_path, monkeypatc
     monkeypatch.setattr(main_nni, "nni", FakeNNI)
     assert run_main(demo_root, tmp_path) == 2
     assert "'batch_size' must be an integer" in capsys.readouterr().err
+
+
+class Stop(BaseException):
+    pass
+
+
+def test_cosine_schedule_lowers_the_rates_and_resumes_exactly(demo_root, tmp_path, monkeypatch):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert run_main(demo_root, whole, "--num_epoch", "2", "--lr_schedule", "cosine") == 0
+
+    save = main_nni.save_run_checkpoint
+
+    def save_then_stop(path, *args, **kwargs):  # the run is killed once epoch 1's last.pth is written
+        save(path, *args, **kwargs)
+        if path.name == "last.pth":
+            raise Stop
+
+    monkeypatch.setattr(main_nni, "save_run_checkpoint", save_then_stop)
+    with pytest.raises(Stop):
+        run_main(demo_root, split, "--num_epoch", "2", "--lr_schedule", "cosine")
+    monkeypatch.setattr(main_nni, "save_run_checkpoint", save)
+    assert safe_torch_load(split / "last.pth")["epoch"] == 1
+    assert run_main(demo_root, split, "--num_epoch", "2", "--lr_schedule", "cosine", "--resume") == 0
+    a, b = (safe_torch_load(d / "last.pth") for d in (whole, split))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    groups = a["optimizer"]["param_groups"]
+    # 2 epochs of 2 steps: the last step ran at factor (1 + cos(3 pi / 4)) / 2 of the initial rate
+    assert all(g["lr"] == pytest.approx(g["initial_lr"] * (1 - 2 ** -0.5) / 2) for g in groups)
+    assert {g["initial_lr"] for g in groups if g["name"] == "mobileNet"} == {option.DATASET_DEFAULTS["demo"]["init_lr_mobileNet"]}

@@ -44,14 +44,14 @@ from torch.utils.data import default_collate  # noqa: E402
 from cache import CachedDataset, augment_batch, build_cache  # noqa: E402
 from dataset import ScoreImageDataset  # noqa: E402
 from engine import make_loader, predict, train_one_epoch  # noqa: E402
-from models import TANet  # noqa: E402
+from models import TANet, fold_batchnorm  # noqa: E402
 from util import atomic_save_json, atomic_torch_save, resolve_device, seed_everything  # noqa: E402
 
-TOKENS = ("compile", "freeze", "isolated", "bf16", "fp16", "channels_last")
+TOKENS = ("compile", "freeze", "isolated", "foldbn", "bf16", "fp16", "channels_last")
 CPU_TRAIN = ("fp32", "channels_last", "bf16", "bf16+channels_last")
-CPU_EVAL = CPU_TRAIN + ("isolated", "isolated+bf16+channels_last")
+CPU_EVAL = CPU_TRAIN + ("foldbn+bf16+channels_last", "isolated", "isolated+foldbn+bf16+channels_last")
 CUDA_TRAIN = ("fp32", "channels_last", "bf16", "bf16+channels_last", "fp16", "fp16+channels_last")
-CUDA_EVAL = CUDA_TRAIN + ("isolated", "isolated+fp16+channels_last")
+CUDA_EVAL = CUDA_TRAIN + ("foldbn+fp16+channels_last", "isolated", "isolated+foldbn+fp16+channels_last")
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,7 @@ class ModelPath:
     compile: bool = False
     freeze: bool = False
     isolated: bool = False
+    fold_bn: bool = False
 
 
 def parse_path(name: str, device: torch.device, *, train: bool) -> ModelPath:
@@ -83,9 +84,11 @@ def parse_path(name: str, device: torch.device, *, train: bool) -> ModelPath:
         raise ValueError(f"path {name!r}: freeze is for evaluation, with compile")
     if "isolated" in tokens and train:
         raise ValueError(f"path {name!r}: isolated is an evaluation path (training uses batch fusion)")
+    if "foldbn" in tokens and train:
+        raise ValueError(f"path {name!r}: foldbn is an evaluation path (folded BatchNorm cannot train)")
     amp = "bf16" if "bf16" in tokens else "fp16" if "fp16" in tokens else "none"
     return ModelPath(name, amp, "channels_last" in tokens, "compile" in tokens, "freeze" in tokens,
-                     "isolated" in tokens)
+                     "isolated" in tokens, "foldbn" in tokens)
 
 
 # --------------------------------------------------------------------------- measuring
@@ -164,6 +167,8 @@ def build_model(path: ModelPath, device: torch.device, state: dict | None = None
     if state is not None:
         model.load_state_dict(state)
     model.freeze_theme_backbone()
+    if path.fold_bn:
+        model = fold_batchnorm(model)
     model.to(device)
     if path.channels_last:
         model.to(memory_format=torch.channels_last)
