@@ -32,7 +32,7 @@ DATASET_DEFAULTS: dict[str, dict[str, object]] = {
     "ava": {"batch_size": 48, "num_epoch": 20, **_REFERENCE},
     # From scratch on 2 CPU cores: larger steps, few epochs (see README, "Demo dataset").
     "demo": {
-        "batch_size": 16,
+        "batch_size": 40,
         "num_epoch": 4,
         "backbones": "random",
         "channels_last": True,
