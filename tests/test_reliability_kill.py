@@ -145,9 +145,11 @@ def same_tensors(a, b) -> bool:
 def comparable_results(out: Path) -> str:
     """results.json without what legitimately differs between runs (paths, durations)."""
     results = json.loads((out / "results.json").read_text())
-    results.pop("checkpoint")
+    for key in ("checkpoint", "test_seconds", "test_images_per_s"):
+        results.pop(key)
     for row in results["history"]:
         row.pop("seconds")
+        row.pop("train_images_per_s")
     return json.dumps(results, sort_keys=True)
 
 
