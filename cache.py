@@ -450,7 +450,7 @@ def _process_context() -> multiprocessing.context.BaseContext:
 
 def _resize_steps(transform: transforms.Compose) -> list[Any]:
     steps = list(getattr(transform, "transforms", [transform]))
-    return [t for t in steps[:len(cache_spec(transform).resize)]]
+    return steps[:len(cache_spec(transform).resize)]
 
 
 # --------------------------------------------------------------------------- reading

@@ -43,7 +43,7 @@ from models import (
     resolve_weights,
     scale_learning_rates,
 )
-from reporting import ReportError, write_report
+from reporting import PREDICTION_COLUMNS, ReportError, write_report
 from util import (
     CheckpointError,
     DownloadError,
@@ -193,7 +193,7 @@ def write_predictions(preds: Predictions, variant: str, path: Path) -> None:
     scale = 10.0 if variant == "tad66k" else 1.0
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["image", "theme", "true_score", "pred_score"])
+    writer.writerow(PREDICTION_COLUMNS)
     for p, t, tr, pr in zip(preds.path, preds.theme, true, pred):
         writer.writerow([Path(p).name, t, f"{tr * scale:.6f}", f"{pr * scale:.6f}"])
     with atomic_write(path, "w") as f:

@@ -32,13 +32,13 @@ DATASET_DEFAULTS: dict[str, dict[str, object]] = {
     "ava": {"batch_size": 48, "num_epoch": 20, **_REFERENCE},
     # From scratch on 2 CPU cores: larger steps, few epochs (see README, "Demo dataset").
     "demo": {
+        **_REFERENCE,
         "batch_size": 40,
         "num_epoch": 4,
         "backbones": "random",
         "channels_last": True,
         "amp": "bf16",
         "fold_bn": True,
-        "lr_schedule": "constant",
         **{k: 1e-3 for k in LR_OPTIONS},
         "init_lr_res365_last": 0.0,
     },

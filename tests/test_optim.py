@@ -35,3 +35,10 @@ def test_scale_learning_rates_keeps_the_initial_rates():
     scale_learning_rates(opt, 0.5)  # relative to the initial rate, not the current one
     assert [g["lr"] for g in opt.param_groups] == [5e-4, 0.0]
     assert [g["initial_lr"] for g in opt.param_groups] == [1e-3, 0.0]
+
+
+def test_the_trial_script_offers_every_schedule():
+    import option
+
+    action = next(a for a in option.build_parser()._actions if a.dest == "lr_schedule")
+    assert tuple(action.choices) == LR_SCHEDULES

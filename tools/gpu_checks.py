@@ -16,7 +16,6 @@ cache  Training and test evaluation by ``main_nni.py`` from the prepared-dataset
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import signal
@@ -30,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import reporting  # noqa: E402
 from demo_data import ensure_demo_dataset  # noqa: E402
 from util import atomic_save_json  # noqa: E402
 
@@ -52,28 +52,28 @@ class Checks:
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)  # its own process group: a timeout ends torchrun's children too
+        timed_out = False
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             stdout, stderr = proc.communicate()
-            self.log("  | " + "\n  | ".join((stdout + stderr).strip().splitlines()[-25:]))
-            raise RuntimeError(f"{cmd[:4]} ran past {timeout} s") from None
-        done = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
-        self.log(f"  rc {done.returncode} in {time.perf_counter() - started:.1f} s")
-        tail = (done.stdout + done.stderr).strip().splitlines()[-25:]
-        self.log("  | " + "\n  | ".join(tail))
-        if (done.returncode != 0) != expect_fail:
-            raise RuntimeError(f"{cmd[:4]} ended with rc {done.returncode}")
-        return done
+            timed_out = True
+        self.log(f"  rc {proc.returncode} in {time.perf_counter() - started:.1f} s")
+        self.log("  | " + "\n  | ".join((stdout + stderr).strip().splitlines()[-25:]))
+        if timed_out:
+            raise RuntimeError(f"{cmd[:4]} ran past {timeout} s")
+        if (proc.returncode != 0) != expect_fail:
+            raise RuntimeError(f"{cmd[:4]} ended with rc {proc.returncode}")
+        return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
     def save(self) -> None:
         atomic_save_json(self.summary, self.out / "summary.json")
 
 
 def read_predictions(path: Path) -> dict[str, float]:
-    with open(path, newline="") as f:
-        return {row["image"]: float(row["pred_score"]) for row in csv.DictReader(f)}
+    table = reporting.read_predictions(path)
+    return dict(zip(table.names, table.pred.tolist()))
 
 
 def results(folder: Path) -> dict:
