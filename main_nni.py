@@ -34,7 +34,9 @@ from engine import (
 from models import (
     PARAM_GROUPS,
     TANet,
+    conv_fusion_available,
     fold_batchnorm,
+    fuse_conv_activations,
     load_mobilenet_v2,
     load_places365_resnet18,
     load_tanet_weights,
@@ -200,6 +202,11 @@ def write_predictions(preds: Predictions, variant: str, path: Path) -> None:
         f.write(buf.getvalue())
 
 
+def fuses_conv(args: argparse.Namespace, device: torch.device) -> bool:
+    """Whether evaluation fuses convolutions with their activations (``--fuse_conv``: CPU and oneDNN only)."""
+    return bool(args.fuse_conv) and device.type == "cpu" and conv_fusion_available()
+
+
 def evaluate(model, dataset, args, device, criterion, rank, world, desc) -> Predictions:
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         # Evaluate outside DDP: its forward is a collective, and the ranks may hold unequal numbers of
@@ -209,6 +216,8 @@ def evaluate(model, dataset, args, device, criterion, rank, world, desc) -> Pred
         model = model.module
     if args.fold_bn:  # an inference copy; a compiled model's folded copy runs eagerly
         model = fold_batchnorm(getattr(model, "_orig_mod", model))
+        if fuses_conv(args, device):
+            model = fuse_conv_activations(model, torch.bfloat16 if args.amp == "bf16" else torch.float32)
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
     loader = make_loader(
@@ -295,6 +304,8 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device, o
         weights = resolve_weights(args.path_to_model_weight, directory=args.checkpoints_dir,
                                   download_missing=args.download)
     model = build_model(args, device, weights)
+    if args.fold_bn and args.fuse_conv and not fuses_conv(args, device):
+        log.info("--fuse_conv: not used on %s (a CPU path that needs oneDNN)", device)
     loss_name = default_loss(args.variant) if args.loss == "auto" else args.loss
     criterion = make_criterion(loss_name)
     report_criterion = make_criterion("mse") if args.variant == "tad66k" else make_criterion("emd_reference")

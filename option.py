@@ -23,7 +23,7 @@ SELECTION_METRICS = ("srcc", "plcc", "accuracy")
 
 # Defaults that depend on --dataset: the reference's for TAD66K and AVA, a CPU recipe for the demo.
 REFERENCE_LR = 3e-4  # the reference option.py's default for every learning rate
-_REFERENCE = {"backbones": "pretrained", "channels_last": False, "amp": "none", "fold_bn": False,
+_REFERENCE = {"backbones": "pretrained", "channels_last": False, "amp": "none", "fold_bn": False, "fuse_conv": False,
               "lr_schedule": "constant",
               **{k: REFERENCE_LR for k in LR_OPTIONS}}
 DATASET_DEFAULTS: dict[str, dict[str, object]] = {
@@ -39,6 +39,7 @@ DATASET_DEFAULTS: dict[str, dict[str, object]] = {
         "channels_last": True,
         "amp": "bf16",
         "fold_bn": True,
+        "fuse_conv": True,
         **{k: 1e-3 for k in LR_OPTIONS},
         "init_lr_res365_last": 0.0,
     },
@@ -131,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--fold_bn", action=argparse.BooleanOptionalAction, default=None,
                        help="evaluate a copy with each BatchNorm folded into its convolution (same numbers up to "
                             "rounding; default: on for the demo, off otherwise)")
+    speed.add_argument("--fuse_conv", action=argparse.BooleanOptionalAction, default=None,
+                       help="with --fold_bn, on the CPU: each convolution runs with its ReLU/ReLU6 and residual sum "
+                            "fused in (oneDNN; same numbers up to rounding; default: on for the demo, off otherwise)")
 
     out = p.add_argument_group("outputs")
     out.add_argument("--no_report", action="store_true", help="do not write the figures and HTML report at the end")
@@ -169,6 +173,8 @@ def check_options(args: argparse.Namespace) -> argparse.Namespace:
     lo, hi = args.score_range
     if not lo < hi:
         raise ValueError(f"--score_range needs LO < HI, got {lo} {hi}")
+    if args.fuse_conv and not args.fold_bn:
+        raise ValueError("--fuse_conv needs --fold_bn (a convolution meets its activation once BatchNorm is folded)")
     if args.test_only and not args.path_to_model_weight:
         raise ValueError("--test_only needs --path_to_model_weight")
     if args.dataset == "ava" and args.variant == "ava" and args.loss == "mse":

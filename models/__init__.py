@@ -1,5 +1,6 @@
 """TANet (He et al., IJCAI 2022) and the helpers that load and train it."""
 from .folding import fold_batchnorm
+from .fusion import FusedConv2d, conv_fusion_available, fuse_conv_activations
 from .optim import LR_SCHEDULES, PARAM_GROUPS, lr_factor, parameter_groups, scale_learning_rates
 from .tanet import THEME_FUSION_MODES, VARIANTS, TANet
 from .weights import (
@@ -17,6 +18,7 @@ from .weights import (
 )
 
 __all__ = [
+    "FusedConv2d",
     "LR_SCHEDULES",
     "PARAM_GROUPS",
     "REGISTRY",
@@ -26,7 +28,9 @@ __all__ = [
     "VARIANTS",
     "WeightFile",
     "checkpoints_dir",
+    "conv_fusion_available",
     "fold_batchnorm",
+    "fuse_conv_activations",
     "infer_variant",
     "load_checked",
     "load_mobilenet_v2",

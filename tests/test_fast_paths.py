@@ -196,10 +196,14 @@ def test_benchmark_path_names():
     assert (p.compile, p.amp, p.channels_last, p.isolated) == (True, "bf16", True, False)
     assert bench.parse_path("isolated+bf16", CPU, train=False).isolated
     assert bench.parse_path("foldbn+bf16+channels_last", CPU, train=False).fold_bn
+    assert bench.parse_path("foldbn+fuse+bf16+channels_last", CPU, train=False).fuse
+    with pytest.raises(ValueError, match="CPU evaluation path, with foldbn"):
+        bench.parse_path("foldbn+fuse+fp16", torch.device("cuda"), train=False)
     for name, train, message in (("fp16", True, "needs CUDA"), ("bf16+fp16", True, "one of"),
                                  ("isolated", True, "evaluation path"), ("freeze+bf16", False, "with compile"),
                                  ("fp32+bf16", True, "unknown"), ("bf16+bf16", False, "repeated"),
-                                 ("foldbn+bf16", True, "folded BatchNorm cannot train")):
+                                 ("foldbn+bf16", True, "folded BatchNorm cannot train"),
+                                 ("fuse+bf16", False, "with foldbn")):
         with pytest.raises(ValueError, match=message):
             bench.parse_path(name, CPU, train=train)
 
@@ -208,11 +212,11 @@ def test_benchmark_writes_the_report(tmp_path, capsys):
     bench = _benchmark_tool()
     out = tmp_path / "bench.json"
     argv = ["--device", "cpu", "--batch_size", "2", "--steps", "1", "--warmup", "0", "--paths", "fp32",
-            "--eval_paths", "fp32", "isolated", "--data_images", "2", "--image_size", "300", "200",
+            "--eval_paths", "fp32", "isolated", "isolated+foldbn+fuse", "--data_images", "2", "--image_size", "300", "200",
             "--data_seconds", "0.01", "--json", str(out)]
     assert bench.main(argv) == 0
     report = json.loads(out.read_text())
-    assert set(report["train"]) == {"fp32"} and set(report["eval"]) == {"fp32", "isolated"}
+    assert set(report["train"]) == {"fp32"} and set(report["eval"]) == {"fp32", "isolated", "isolated+foldbn+fuse"}
     assert all(v > 0 for v in [*report["train"].values(), *report["eval"].values()])
     assert set(report["data"]) == {"uncached", "cached"} and min(report["data"].values()) > 0
     assert isinstance(report["machine"], str) and report["machine"]

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 import main_nni
 import option
+from reporting import read_predictions
 from util import safe_torch_load
 
 # 16 images of each split, 2 epochs of 2 batches: a few seconds on a CPU.
@@ -157,3 +159,25 @@ def test_cosine_schedule_lowers_the_rates_and_resumes_exactly(demo_root, tmp_pat
     # 2 epochs of 2 steps: the last step ran at factor (1 + cos(3 pi / 4)) / 2 of the initial rate
     assert all(g["lr"] == pytest.approx(g["initial_lr"] * (1 - 2 ** -0.5) / 2) for g in groups)
     assert {g["initial_lr"] for g in groups if g["name"] == "mobileNet"} == {option.DATASET_DEFAULTS["demo"]["init_lr_mobileNet"]}
+
+
+def test_fused_evaluation_gives_the_unfused_scores(trained, demo_root, tmp_path, monkeypatch):
+    """The demo evaluates with --fuse_conv (on by default); --no-fuse_conv gives the same scores up to
+    bfloat16 rounding."""
+    calls = []
+    fuse = main_nni.fuse_conv_activations
+    monkeypatch.setattr(main_nni, "fuse_conv_activations", lambda *a, **k: calls.append(a[1]) or fuse(*a, **k))
+    weights = str(trained / "best.pth")
+    assert run_main(demo_root, tmp_path / "fused", "--test_only", "--path_to_model_weight", weights) == 0
+    assert calls == [torch.bfloat16]
+    assert run_main(demo_root, tmp_path / "plain", "--test_only", "--path_to_model_weight", weights,
+                    "--no-fuse_conv") == 0
+    assert calls == [torch.bfloat16]
+    fused, plain = (read_predictions(tmp_path / name / "test_predictions.csv") for name in ("fused", "plain"))
+    assert fused.names == plain.names
+    assert np.abs(fused.pred - plain.pred).max() < 0.05  # on the 1..10 scale
+
+
+def test_fuse_conv_needs_fold_bn(demo_root, tmp_path, capsys):
+    assert run_main(demo_root, tmp_path, "--no-fold_bn", "--fuse_conv") == 2
+    assert "--fuse_conv needs --fold_bn" in capsys.readouterr().err

@@ -6,8 +6,10 @@
 
 Model paths are named by the options they use, joined by '+': ``fp32`` (the plain float32 path, the
 reference computation), ``channels_last``, ``bf16``, ``fp16`` (CUDA), ``compile`` (torch.compile),
-``freeze`` (with compile: inductor's weight freezing, inference only) and ``isolated`` (evaluation with
-theme_fusion="isolated", which skips the theme ResNet: scores differ from the reference by design).
+``freeze`` (with compile: inductor's weight freezing, inference only), ``foldbn`` (BatchNorm folded into the
+convolutions, inference only), ``fuse`` (with foldbn, CPU: each convolution runs with its activation and
+residual sum fused in, oneDNN) and ``isolated`` (evaluation with theme_fusion="isolated", which skips the
+theme ResNet: scores differ from the reference by design).
 Every path is timed on the same synthetic batch: ``--warmup`` untimed steps each, then ``--steps``
 timed rounds in which every path runs one step in turn (so a shared machine's changing load hits all
 paths alike; CUDA: synchronised); images/s is batch / median step time.  The input pipeline is timed in one
@@ -44,12 +46,13 @@ from torch.utils.data import default_collate  # noqa: E402
 from cache import CachedDataset, augment_batch, build_cache  # noqa: E402
 from dataset import ScoreImageDataset  # noqa: E402
 from engine import make_loader, predict, train_one_epoch  # noqa: E402
-from models import TANet, fold_batchnorm  # noqa: E402
+from models import TANet, fold_batchnorm, fuse_conv_activations  # noqa: E402
 from util import atomic_save_json, atomic_torch_save, resolve_device, seed_everything  # noqa: E402
 
-TOKENS = ("compile", "freeze", "isolated", "foldbn", "bf16", "fp16", "channels_last")
+TOKENS = ("compile", "freeze", "isolated", "foldbn", "fuse", "bf16", "fp16", "channels_last")
 CPU_TRAIN = ("fp32", "channels_last", "bf16", "bf16+channels_last")
-CPU_EVAL = CPU_TRAIN + ("foldbn+bf16+channels_last", "isolated", "isolated+foldbn+bf16+channels_last")
+CPU_EVAL = CPU_TRAIN + ("foldbn+bf16+channels_last", "foldbn+fuse+bf16+channels_last", "isolated",
+                         "isolated+foldbn+fuse+bf16+channels_last")
 CUDA_TRAIN = ("fp32", "channels_last", "bf16", "bf16+channels_last", "fp16", "fp16+channels_last")
 CUDA_EVAL = CUDA_TRAIN + ("foldbn+fp16+channels_last", "isolated", "isolated+foldbn+fp16+channels_last")
 
@@ -65,6 +68,7 @@ class ModelPath:
     freeze: bool = False
     isolated: bool = False
     fold_bn: bool = False
+    fuse: bool = False
 
 
 def parse_path(name: str, device: torch.device, *, train: bool) -> ModelPath:
@@ -86,9 +90,11 @@ def parse_path(name: str, device: torch.device, *, train: bool) -> ModelPath:
         raise ValueError(f"path {name!r}: isolated is an evaluation path (training uses batch fusion)")
     if "foldbn" in tokens and train:
         raise ValueError(f"path {name!r}: foldbn is an evaluation path (folded BatchNorm cannot train)")
+    if "fuse" in tokens and ("foldbn" not in tokens or device.type != "cpu"):
+        raise ValueError(f"path {name!r}: fuse is a CPU evaluation path, with foldbn")
     amp = "bf16" if "bf16" in tokens else "fp16" if "fp16" in tokens else "none"
     return ModelPath(name, amp, "channels_last" in tokens, "compile" in tokens, "freeze" in tokens,
-                     "isolated" in tokens, "foldbn" in tokens)
+                     "isolated" in tokens, "foldbn" in tokens, "fuse" in tokens)
 
 
 # --------------------------------------------------------------------------- measuring
@@ -169,6 +175,8 @@ def build_model(path: ModelPath, device: torch.device, state: dict | None = None
     model.freeze_theme_backbone()
     if path.fold_bn:
         model = fold_batchnorm(model)
+    if path.fuse:
+        model = fuse_conv_activations(model, torch.bfloat16 if path.amp == "bf16" else torch.float32)
     model.to(device)
     if path.channels_last:
         model.to(memory_format=torch.channels_last)
