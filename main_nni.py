@@ -60,6 +60,7 @@ from util import (
     restore_rng_state,
     safe_torch_load,
     seed_everything,
+    tune_cpu_allocator,
 )
 
 try:
@@ -445,7 +446,9 @@ def main(argv: list[str] | None = None) -> int:
             lock.acquire()  # creates the folder
         try:
             setup_logging(out if rank == 0 else None)
-            log.info("device %s, %d process(es), output %s", device, world, out)
+            tuned = args.allocator == "tuned" and device.type == "cpu" and tune_cpu_allocator()
+            log.info("device %s, %d process(es), output %s%s", device, world, out,
+                     ", memory allocator tuned" if tuned else "")
             for stale in remove_stale_temp_files(out) if rank == 0 else []:
                 log.info("removed %s, a partial file left by an interrupted run", stale.name)
             run(args, rank, world, device, out)

@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
                        help="channels-last memory format (same numbers; default: on for the demo, off otherwise)")
     speed.add_argument("--compile", action="store_true", help="torch.compile the model")
+    speed.add_argument("--allocator", choices=("tuned", "system"), default="tuned",
+                       help="on the CPU, tuned: glibc keeps freed tensor memory for the next step instead of "
+                            "unmapping it (same numbers, far less system time; default); system: as the reference ran")
     speed.add_argument("--fold_bn", action=argparse.BooleanOptionalAction, default=None,
                        help="evaluate a copy with each BatchNorm folded into its convolution (same numbers up to "
                             "rounding; default: on for the demo, off otherwise)")

@@ -200,6 +200,7 @@ def _benchmark_tool():
 def test_benchmark_path_names():
     bench = _benchmark_tool()
     assert bench.parse_path("fp32", CPU, train=True) == bench.ModelPath("fp32")
+    assert bench.parse_path("reference", CPU, train=True).reference_loop
     p = bench.parse_path("compile+bf16+channels_last", CPU, train=True)
     assert (p.compile, p.amp, p.channels_last, p.isolated) == (True, "bf16", True, False)
     assert bench.parse_path("isolated+bf16", CPU, train=False).isolated
@@ -209,22 +210,42 @@ def test_benchmark_path_names():
         bench.parse_path("foldbn+fuse+fp16", torch.device("cuda"), train=False)
     for name, train, message in (("fp16", True, "needs CUDA"), ("bf16+fp16", True, "one of"),
                                  ("isolated", True, "evaluation path"), ("freeze+bf16", False, "with compile"),
-                                 ("fp32+bf16", True, "unknown"), ("bf16+bf16", False, "repeated"),
+                                 ("fp32+bf16", True, "unknown"), ("reference+bf16", True, "unknown"),
+                                 ("bf16+bf16", False, "repeated"),
                                  ("foldbn+bf16", True, "folded BatchNorm cannot train"),
                                  ("fuse+bf16", False, "with foldbn")):
         with pytest.raises(ValueError, match=message):
             bench.parse_path(name, CPU, train=train)
 
 
+def test_benchmark_reference_loop_computes_what_the_fp32_path_computes():
+    """The benchmark's ``reference`` path (the reference script's loop body) takes the same training step."""
+    bench = _benchmark_tool()
+    runners = {}
+    for name in ("fp32", "reference"):
+        runners[name] = bench.Runner(bench.parse_path(name, CPU, train=True), train=True, batch_size=2, device=CPU)
+        torch.manual_seed(3)  # the same dropout masks
+        runners[name].step()
+    before = bench.build_model(bench.ModelPath("fp32"), CPU)[0].state_dict()
+    a, b = (r.model.state_dict() for r in runners.values())
+    assert any(not torch.equal(before[k], a[k]) for k in a)  # the step changed the weights
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+
+
 def test_benchmark_writes_the_report(tmp_path, capsys):
     bench = _benchmark_tool()
     out = tmp_path / "bench.json"
-    argv = ["--device", "cpu", "--batch_size", "2", "--steps", "1", "--warmup", "0", "--paths", "fp32",
-            "--eval_paths", "fp32", "isolated", "isolated+foldbn+fuse", "--data_images", "2", "--image_size", "300", "200",
+    argv = ["--device", "cpu", "--batch_size", "2", "--steps", "1", "--warmup", "0", "--paths", "fp32", "reference",
+            "--eval_paths", "fp32", "reference", "isolated", "isolated+foldbn+fuse", "--data_images", "2",
+            "--image_size", "300", "200",
             "--data_seconds", "0.01", "--json", str(out)]
     assert bench.main(argv) == 0
     report = json.loads(out.read_text())
-    assert set(report["train"]) == {"fp32"} and set(report["eval"]) == {"fp32", "isolated", "isolated+foldbn+fuse"}
+    assert set(report["train"]) == {"fp32", "reference"}
+    assert set(report["eval"]) == {"fp32", "reference", "isolated", "isolated+foldbn+fuse"}
+    if report["allocator"] == "tuned":  # the reference path runs with the allocator the reference script had
+        for kind in ("train", "eval"):
+            assert report["details"][kind]["reference"]["process"] == "child, system allocator"
     assert all(v > 0 for v in [*report["train"].values(), *report["eval"].values()])
     assert set(report["data"]) == {"uncached", "cached"} and min(report["data"].values()) > 0
     assert isinstance(report["machine"], str) and report["machine"]

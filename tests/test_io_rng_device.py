@@ -1,6 +1,11 @@
-"""Seeding, RNG state capture/restore (through a weights_only checkpoint) and --device parsing."""
+"""Seeding, RNG state capture/restore (through a weights_only checkpoint), --device parsing and the
+CPU memory allocator."""
 
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +13,7 @@ import torch
 
 import util
 
+REPO = Path(__file__).resolve().parents[1]
 
 def draw():
     return (
@@ -75,3 +81,44 @@ def test_resolve_device_with_cuda(monkeypatch):
 def test_resolve_device_rejects_malformed(bad):
     with pytest.raises(ValueError, match="--device"):
         util.resolve_device(bad)
+
+
+_RSS_AFTER_FREE = """
+import os, sys, torch, util
+tuned = util.tune_cpu_allocator() if sys.argv[1] == "tuned" else False
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+before = rss()
+x = torch.ones(256 << 20, dtype=torch.uint8)  # 256 MiB, touched
+del x
+print(tuned, (rss() - before) >> 20)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
+def test_tuned_allocator_keeps_freed_tensor_memory_for_reuse():
+    """glibc unmaps a freed 256 MiB tensor at once (the next step faults it in again); tuned, it is kept."""
+    kept = {}
+    for mode in ("system", "tuned"):
+        done = subprocess.run([sys.executable, "-c", _RSS_AFTER_FREE, mode], cwd=REPO, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+        applied, kept[mode] = done.stdout.split()
+        if mode == "tuned" and applied != "True":
+            pytest.skip("not glibc: the allocator cannot be tuned here")
+    assert int(kept["system"]) < 64 <= 256 - 64 < int(kept["tuned"])
+
+
+def test_allocator_tuning_is_linux_glibc_only(monkeypatch):
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert util.tune_cpu_allocator() is False
+
+
+def test_allocator_choices_agree():
+    import option
+    import predict
+
+    for parser in (option.build_parser(), predict.build_parser()):
+        action = next(a for a in parser._actions if a.dest == "allocator")
+        assert tuple(action.choices) == util.ALLOCATORS and action.default == "tuned"

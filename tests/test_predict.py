@@ -225,3 +225,13 @@ def test_unwritable_output_is_an_error(ckpts, photos, tmp_path, capsys):
     assert status == 2
     assert "cannot write" in capsys.readouterr().err
     assert (tmp_path / "file").read_text() == "x"
+
+
+@pytest.mark.parametrize("allocator,calls", [("tuned", 1), ("system", 0)])
+def test_allocator_option(ckpts, photos, monkeypatch, allocator, calls):
+    seen = []
+    monkeypatch.setattr(predict, "tune_cpu_allocator", lambda: seen.append(1) or True)
+    image = str(sorted(photos.iterdir())[0])
+    assert predict.main([image, "--path_to_model_weight", str(ckpts / "tad66k.pth"), "--variant", "tad66k",
+                         "--device", "cpu", "--num_workers", "0", "--quiet", "--allocator", allocator]) == 0
+    assert len(seen) == calls

@@ -44,6 +44,7 @@ def test_training_writes_results_checkpoints_and_logs(trained):
     assert last["epoch"] == 2 and last["variant"] == "tad66k"
     assert {"model", "optimizer", "rng", "options", "best_metric"} <= set(last)
     assert not (trained / ".lock").exists()
+    assert "memory allocator tuned" in (trained / "train.log").read_text()  # --allocator tuned, the default
 
 
 def test_test_only_reproduces_the_training_runs_test_metrics(trained, demo_root, tmp_path):
@@ -181,3 +182,14 @@ def test_fused_evaluation_gives_the_unfused_scores(trained, demo_root, tmp_path,
 def test_fuse_conv_needs_fold_bn(demo_root, tmp_path, capsys):
     assert run_main(demo_root, tmp_path, "--no-fold_bn", "--fuse_conv") == 2
     assert "--fuse_conv needs --fold_bn" in capsys.readouterr().err
+
+
+def test_system_allocator_option(trained, demo_root, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(main_nni, "tune_cpu_allocator", lambda: calls.append(1) or True)
+    weights = str(trained / "best.pth")
+    assert run_main(demo_root, tmp_path / "a", "--test_only", "--path_to_model_weight", weights,
+                    "--allocator", "system") == 0
+    assert calls == [] and "allocator tuned" not in (tmp_path / "a" / "train.log").read_text()
+    assert run_main(demo_root, tmp_path / "b", "--test_only", "--path_to_model_weight", weights) == 0
+    assert calls == [1]

@@ -5,7 +5,9 @@
     python tools/benchmark.py --accuracy --json bench.json     # also: how far each path moves SRCC/PLCC
 
 Model paths are named by the options they use, joined by '+': ``fp32`` (the plain float32 path, the
-reference computation), ``channels_last``, ``bf16``, ``fp16`` (CUDA), ``compile`` (torch.compile),
+reference computation, through this project's training and evaluation loops), ``reference`` (the same
+model in the body of the reference script's loops: zero_grad, forward, MSE, backward, Adam step; or
+``no_grad`` forward), ``channels_last``, ``bf16``, ``fp16`` (CUDA), ``compile`` (torch.compile),
 ``freeze`` (with compile: inductor's weight freezing, inference only), ``foldbn`` (BatchNorm folded into the
 convolutions, inference only), ``fuse`` (with foldbn, CPU: each convolution runs with its activation and
 residual sum fused in, oneDNN) and ``isolated`` (evaluation with theme_fusion="isolated", which skips the
@@ -23,9 +25,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -47,13 +51,20 @@ from cache import CachedDataset, augment_batch, build_cache  # noqa: E402
 from dataset import ScoreImageDataset  # noqa: E402
 from engine import make_loader, predict, train_one_epoch  # noqa: E402
 from models import TANet, fold_batchnorm, fuse_conv_activations  # noqa: E402
-from util import atomic_save_json, atomic_torch_save, resolve_device, seed_everything  # noqa: E402
+from util import (  # noqa: E402
+    ALLOCATORS,
+    atomic_save_json,
+    atomic_torch_save,
+    resolve_device,
+    seed_everything,
+    tune_cpu_allocator,
+)
 
 TOKENS = ("compile", "freeze", "isolated", "foldbn", "fuse", "bf16", "fp16", "channels_last")
-CPU_TRAIN = ("fp32", "channels_last", "bf16", "bf16+channels_last")
+CPU_TRAIN = ("reference", "fp32", "channels_last", "bf16", "bf16+channels_last")
 CPU_EVAL = CPU_TRAIN + ("foldbn+bf16+channels_last", "foldbn+fuse+bf16+channels_last", "isolated",
                          "isolated+foldbn+fuse+bf16+channels_last")
-CUDA_TRAIN = ("fp32", "channels_last", "bf16", "bf16+channels_last", "fp16", "fp16+channels_last")
+CUDA_TRAIN = ("reference", "fp32", "channels_last", "bf16", "bf16+channels_last", "fp16", "fp16+channels_last")
 CUDA_EVAL = CUDA_TRAIN + ("foldbn+fp16+channels_last", "isolated", "isolated+foldbn+fp16+channels_last")
 
 
@@ -69,6 +80,7 @@ class ModelPath:
     isolated: bool = False
     fold_bn: bool = False
     fuse: bool = False
+    reference_loop: bool = False
 
 
 def parse_path(name: str, device: torch.device, *, train: bool) -> ModelPath:
@@ -76,9 +88,11 @@ def parse_path(name: str, device: torch.device, *, train: bool) -> ModelPath:
     tokens = name.split("+")
     if tokens == ["fp32"]:
         return ModelPath(name)
+    if tokens == ["reference"]:
+        return ModelPath(name, reference_loop=True)
     unknown = [t for t in tokens if t not in TOKENS]
     if unknown or len(set(tokens)) != len(tokens):
-        raise ValueError(f"path {name!r}: unknown or repeated part(s) {unknown or tokens}; parts: fp32 alone, "
+        raise ValueError(f"path {name!r}: unknown or repeated part(s) {unknown or tokens}; parts: fp32 or reference alone, "
                          f"or {', '.join(TOKENS)} joined by '+'")
     if "bf16" in tokens and "fp16" in tokens:
         raise ValueError(f"path {name!r}: choose one of bf16 and fp16")
@@ -207,12 +221,29 @@ class Runner:
 
     def step(self) -> None:
         p = self.path
+        if p.reference_loop:
+            self.reference_step()
+            return
         with inductor_freezing(p.freeze):
             if self.train:
                 train_one_epoch(self.net, [self.batch], self.optimizer, torch.nn.MSELoss(), self.device, amp=p.amp,
                                 scaler=self.scaler, channels_last=p.channels_last, progress=False)
             else:
                 predict(self.net, [self.batch], self.device, amp=p.amp, channels_last=p.channels_last, progress=False)
+
+    def reference_step(self) -> None:
+        """The body of the reference script's training or test loop, on the plain float32 model."""
+        x, y = self.batch["image"].to(self.device), self.batch["target"].to(self.device)
+        if self.train:
+            self.model.train()
+            self.optimizer.zero_grad()
+            loss = torch.nn.functional.mse_loss(self.model(x), y)
+            loss.backward()
+            self.optimizer.step()
+        else:
+            self.model.eval()
+            with torch.no_grad():
+                self.model(x)
 
     def timed_step(self) -> None:
         with PeakMemory(self.device) as memory:
@@ -259,11 +290,39 @@ def measure_paths(paths: list[ModelPath], *, train: bool, batch_size: int, devic
 
 
 def run_paths(names: list[str], *, train: bool, args, device: torch.device, log) -> tuple[dict, dict]:
-    paths = [parse_path(name, device, train=train) for name in names]
+    here = [n for n in names if not (n == "reference" and args.allocator_tuned)]
+    paths = [parse_path(name, device, train=train) for name in here]
     results, errors = measure_paths(paths, train=train, batch_size=args.batch_size, device=device, steps=args.steps,
                                     warmup=args.warmup, log=log)
+    if len(here) < len(names):
+        results_ref, errors_ref = measure_in_child("reference", train=train, args=args, log=log)
+        results, errors = {**results_ref, **results}, {**errors_ref, **errors}
     details = {name: results[name] if name in results else {"error": errors[name]} for name in names}
-    return {name: r["images_per_s"] for name, r in results.items()}, details
+    return {name: results[name]["images_per_s"] for name in names if name in results}, details
+
+
+def measure_in_child(name: str, *, train: bool, args, log) -> tuple[dict, dict]:
+    """One path measured in a child process with glibc's default allocator, as the reference script
+    runs (this process's tuned allocator would speed the reference up): ({name: result}, {name: error})."""
+    kind = "train" if train else "eval"
+    with tempfile.TemporaryDirectory(prefix="tanet-bench-ref-") as tmp:
+        out = Path(tmp) / "child.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--device", args.device, "--allocator", "system",
+               "--batch_size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--skip", "data", "eval" if train else "train", "--paths" if train else "--eval_paths", name,
+               "--json", str(out), *(["--threads", str(args.threads)] if args.threads else [])]
+        log(f"  {kind} {name}: in a child process with the system allocator")
+        child = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if child.returncode != 0 or not out.is_file():
+            lines = child.stderr.strip().splitlines()
+            error = f"child process failed ({child.returncode}): {lines[-1] if lines else ''}"
+            log(f"  {kind} {name}: FAILED ({error})")
+            return {}, {name: error}
+        detail = json.loads(out.read_text())["details"][kind][name]
+    if "error" in detail:
+        return {}, {name: detail["error"]}
+    log(f"  {kind} {name}: {detail['images_per_s']:.1f} img/s (child process, system allocator)")
+    return {name: {**detail, "process": "child, system allocator"}}, {}
 
 
 def largest_batch(name: str, *, train: bool, args, device: torch.device, log) -> dict:
@@ -414,13 +473,13 @@ def bench_accuracy(args, device: torch.device, train_names: list[str], eval_name
                 "max_abs_delta_score": float(np.max(np.abs(scores - ref_scores)) * 10.0)}  # on the 1..10 scale
 
     for name in eval_names:
-        if name != "fp32":
+        if name not in ("fp32", "reference"):  # the reference loop computes what fp32 computes
             try:
                 out["eval"][name] = deltas(*evaluate(states["fp32"], name))
             except Exception as exc:  # noqa: BLE001
                 out["eval"][name] = {"error": f"{type(exc).__name__}: {exc}"}
     for name in train_names:
-        if name != "fp32":
+        if name not in ("fp32", "reference"):  # the reference loop computes what fp32 computes
             out["train"][name] = deltas(*evaluate(train(name), "fp32"))
     for kind in ("eval", "train"):
         for name, r in out[kind].items():
@@ -449,20 +508,20 @@ def machine(device: torch.device) -> str:
 
 def table(report: dict) -> str:
     train, evals, details = report["train"], report["eval"], report["details"]
-    base_t, base_e = train.get("fp32"), evals.get("fp32")
     lines = [f"machine: {report['machine']}",
-             f"device {report['device']}, batch {report['batch_size']}, median of {report['steps']} timed steps",
-             f"{'path':32s} {'train img/s':>11s} {'x fp32':>6s} {'peak MiB':>8s}   {'eval img/s':>10s} "
-             f"{'x fp32':>6s} {'peak MiB':>8s}"]
+             f"device {report['device']}, batch {report['batch_size']}, median of {report['steps']} timed steps, "
+             f"allocator {report.get('allocator', 'system')} (the reference path: system)",
+             f"{'path':40s} {'train img/s':>11s} {'x fp32':>6s} {'x ref':>6s} {'peak MiB':>8s}   {'eval img/s':>10s} "
+             f"{'x fp32':>6s} {'x ref':>6s} {'peak MiB':>8s}"]
 
-    def cell(speeds: dict, base: float | None, kind: str, name: str) -> str:
+    def cell(speeds: dict, kind: str, name: str) -> str:
         if name not in speeds:
-            return f"{'failed' if name in details[kind] else '-':>11s} {'':>6s} {'':>8s}"
-        ratio = f"{speeds[name] / base:.2f}" if base else ""
-        return f"{speeds[name]:11.1f} {ratio:>6s} {details[kind][name]['peak_memory_mb']:8.0f}"
+            return f"{'failed' if name in details[kind] else '-':>11s} {'':>6s} {'':>6s} {'':>8s}"
+        ratios = [f"{speeds[name] / speeds[b]:.2f}" if b in speeds else "" for b in ("fp32", "reference")]
+        return f"{speeds[name]:11.1f} {ratios[0]:>6s} {ratios[1]:>6s} {details[kind][name]['peak_memory_mb']:8.0f}"
 
     for name in dict.fromkeys([*details["train"], *details["eval"]]):
-        lines.append(f"{name:32s} {cell(train, base_t, 'train', name)}   {cell(evals, base_e, 'eval', name)}")
+        lines.append(f"{name:40s} {cell(train, 'train', name)}   {cell(evals, 'eval', name)}")
     data = report.get("data_detail")
     if data:
         for kind in ("train", "eval"):
@@ -497,6 +556,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--largest_batch", type=int, default=None,
                    help="also time the fastest training and evaluation path at this batch (halved until it fits)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--allocator", choices=ALLOCATORS, default="tuned",
+                   help="CPU memory allocator of this process: tuned (as main_nni.py and predict.py run by default) "
+                        "or system; the reference path always runs with the system one (in a child process "
+                        "when this one is tuned)")
     p.add_argument("--skip", nargs="+", choices=("train", "eval", "data"), default=[], help="parts to leave out")
     p.add_argument("--accuracy", action="store_true",
                    help="also train briefly on the demo data and report how far each path moves SRCC/PLCC")
@@ -536,6 +599,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.allocator_tuned = device.type == "cpu" and args.allocator == "tuned" and tune_cpu_allocator()
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -543,7 +607,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     report: dict = {"train": {}, "eval": {}, "data": {}, "machine": machine(device), "device": str(device),
                     "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
-                    "image_size": list(args.image_size), "details": {"train": {}, "eval": {}}}
+                    "image_size": list(args.image_size), "details": {"train": {}, "eval": {}},
+                    "allocator": "tuned" if args.allocator_tuned else "system"}
     log(f"benchmark on {report['machine']}")
     with tempfile.TemporaryDirectory(prefix="tanet-bench-") as tmp:
         work = Path(tmp)
