@@ -19,6 +19,8 @@ thread (images/s per core) on generated JPEGs: decode + reference transform + co
 read + collate + crop/flip/normalise.  Prints a table and writes JSON:
 ``{"train": {path: img/s}, "eval": {path: img/s}, "data": {"uncached": img/s/core, "cached": img/s/core},
 "machine": str, ...}`` plus details (peak memory, step times, cache build rate, accuracy).
+On the CPU this process runs with ``--allocator tuned`` (as main_nni.py and predict.py do by default); the
+``reference`` path then runs in a child process with the system allocator, as the reference script runs.
 """
 from __future__ import annotations
 
