@@ -24,14 +24,21 @@ class NonFiniteError(FloatingPointError):
 
 # --- precision, memory format -----------------------------------------------------------------
 
+_AMP_DTYPES = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def amp_dtype(amp: str) -> torch.dtype:
+    """The compute dtype of ``--amp`` (``none``: float32, ``bf16``, ``fp16``)."""
+    return _AMP_DTYPES[amp]
+
+
 def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
     """The autocast context of ``--amp`` (``none``, ``bf16`` or ``fp16``)."""
     if amp == "none":
         return contextlib.nullcontext()
     if amp == "fp16" and device.type != "cuda":
         raise ValueError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=amp_dtype(amp))
 
 
 def to_device(images: Tensor, device: torch.device, channels_last: bool) -> Tensor:

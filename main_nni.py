@@ -22,6 +22,7 @@ from dataset import DataError, build_datasets, check_images_exist, collate_skip_
 from engine import (
     NonFiniteError,
     Predictions,
+    amp_dtype,
     default_loss,
     default_workers,
     gather_predictions,
@@ -218,7 +219,7 @@ def evaluate(model, dataset, args, device, criterion, rank, world, desc) -> Pred
     if args.fold_bn:  # an inference copy; a compiled model's folded copy runs eagerly
         model = fold_batchnorm(getattr(model, "_orig_mod", model))
         if fuses_conv(args, device):
-            model = fuse_conv_activations(model, torch.bfloat16 if args.amp == "bf16" else torch.float32)
+            model = fuse_conv_activations(model, amp_dtype(args.amp))
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
     loader = make_loader(

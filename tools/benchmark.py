@@ -51,7 +51,7 @@ from torch.utils.data import default_collate  # noqa: E402
 
 from cache import CachedDataset, augment_batch, build_cache  # noqa: E402
 from dataset import ScoreImageDataset  # noqa: E402
-from engine import make_loader, predict, train_one_epoch  # noqa: E402
+from engine import amp_dtype, make_loader, predict, train_one_epoch  # noqa: E402
 from models import TANet, fold_batchnorm, fuse_conv_activations  # noqa: E402
 from util import (  # noqa: E402
     ALLOCATORS,
@@ -192,7 +192,7 @@ def build_model(path: ModelPath, device: torch.device, state: dict | None = None
     if path.fold_bn:
         model = fold_batchnorm(model)
     if path.fuse:
-        model = fuse_conv_activations(model, torch.bfloat16 if path.amp == "bf16" else torch.float32)
+        model = fuse_conv_activations(model, amp_dtype(path.amp))
     model.to(device)
     if path.channels_last:
         model.to(memory_format=torch.channels_last)
