@@ -9,46 +9,22 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from engine import autocast, make_loader, predict, prepare_images, to_device
+from engine import autocast, make_loader, prepare_images, to_device
 from golden import golden_input, golden_state_dict
 from models import TANet, fold_batchnorm
+from path_helpers import CPU, golden_batches, golden_scores, golden_tanet, perturb_batchnorm
 
 REPO = Path(__file__).resolve().parents[1]
-CPU = torch.device("cpu")
 CUDA = torch.device("cuda") if torch.cuda.is_available() else None
-
-
-def _model(variant: str = "tad66k", device: torch.device = CPU, channels_last: bool = False,
-           frozen: bool = True) -> TANet:
-    model = TANet(variant)
-    model.load_state_dict(golden_state_dict(variant), strict=True)
-    if frozen:
-        model.freeze_theme_backbone()
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    return model
-
-
-def _batches(n: int = 3) -> list[dict]:
-    x = golden_input(n)
-    return [{"image": x, "target": torch.linspace(0.2, 0.8, n)[:, None], "index": torch.arange(n),
-             "path": [f"p{i}" for i in range(n)], "theme": [""] * n}]
-
-
-def _predict(model: TANet, device: torch.device, amp: str = "none", channels_last: bool = False) -> torch.Tensor:
-    out = predict(model, _batches(), device, amp=amp, channels_last=channels_last, progress=False)
-    return torch.from_numpy(np.stack(out.output))
 
 
 def _train_step(model: TANet, device: torch.device, amp: str = "none", channels_last: bool = False):
     """One train-mode forward and backward, as train_one_epoch does it: output, gradients, buffers."""
     model.train()
-    batch = _batches()[0]
+    batch = golden_batches()[0]
     x = to_device(batch["image"], device, channels_last)
     torch.manual_seed(11)  # the same dropout masks in every path
     with autocast(device, amp):
@@ -63,7 +39,7 @@ def _train_step(model: TANet, device: torch.device, amp: str = "none", channels_
 @functools.lru_cache(maxsize=None)
 def _reference() -> tuple:
     """The plain float32 path: evaluation outputs, and a training step's output, gradients and buffers."""
-    return (_predict(_model(), CPU), *_train_step(_model(), CPU))
+    return (golden_scores(golden_tanet(), CPU), *_train_step(golden_tanet(), CPU))
 
 
 def _flat(grads: dict) -> torch.Tensor:
@@ -76,9 +52,9 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_channels_last_matches_fp32_in_eval_and_training():
     ref, out_ref, g_ref, b_ref = _reference()
-    fast = _predict(_model(channels_last=True), CPU, channels_last=True)
+    fast = golden_scores(golden_tanet(channels_last=True), CPU, channels_last=True)
     assert (fast - ref).abs().max() < 1e-5
-    out_cl, g_cl, b_cl = _train_step(_model(channels_last=True), CPU, channels_last=True)
+    out_cl, g_cl, b_cl = _train_step(golden_tanet(channels_last=True), CPU, channels_last=True)
     assert (out_cl - out_ref).abs().max() < 1e-5
     assert g_cl.keys() == g_ref.keys()
     # Train-mode BatchNorm backward cancels most of its terms, so float32 rounding differences of
@@ -92,9 +68,9 @@ def test_channels_last_matches_fp32_in_eval_and_training():
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_bfloat16_cpu_autocast_stays_close_to_fp32(channels_last):
     ref, out_ref, g_ref, _ = _reference()
-    low = _predict(_model(channels_last=channels_last), CPU, amp="bf16", channels_last=channels_last)
+    low = golden_scores(golden_tanet(channels_last=channels_last), CPU, amp="bf16", channels_last=channels_last)
     assert torch.isfinite(low).all() and (low - ref).abs().max() < 0.05
-    out_low, g_low, _ = _train_step(_model(channels_last=channels_last), CPU, amp="bf16", channels_last=channels_last)
+    out_low, g_low, _ = _train_step(golden_tanet(channels_last=channels_last), CPU, amp="bf16", channels_last=channels_last)
     assert (out_low - out_ref).abs().max() < 0.05
     assert all(torch.isfinite(g).all() for g in g_low.values())
     # The heads' gradients agree; the MobileNet's, after train-mode BatchNorm backward in bfloat16,
@@ -107,29 +83,24 @@ def test_bfloat16_cpu_autocast_stays_close_to_fp32(channels_last):
 
 @pytest.mark.parametrize("variant", ["tad66k", "ava"])
 def test_folded_batchnorm_matches_the_plain_model(variant):
-    model = _model(variant)
-    g = torch.Generator().manual_seed(5)
-    for m in model.modules():  # statistics far from the identity, so that folding has work to do
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    model = golden_tanet(variant)
+    perturb_batchnorm(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     folded = fold_batchnorm(model)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 20 + 53  # ResNet-18, MobileNetV2
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the original is untouched
-    ref = _predict(model, CPU)
-    assert (_predict(folded, CPU) - ref).abs().max() < 1e-5
+    ref = golden_scores(model, CPU)
+    assert (golden_scores(folded, CPU) - ref).abs().max() < 1e-5
     fast = fold_batchnorm(model).to(memory_format=torch.channels_last)
-    assert (_predict(fast, CPU, amp="bf16", channels_last=True) - ref).abs().max() < 0.05
+    assert (golden_scores(fast, CPU, amp="bf16", channels_last=True) - ref).abs().max() < 0.05
 
 
 def test_frozen_theme_resnet_without_autograd_is_exact():
-    frozen = _model(frozen=True).train()
+    frozen = golden_tanet(frozen=True).train()
     assert not frozen.forward_branches(golden_input(2))["theme_logits"].requires_grad  # no graph through the ResNet
     _, out_f, g_f, b_f = _reference()
-    out_a, g_a, b_a = _train_step(_model(frozen=False), CPU)
+    out_a, g_a, b_a = _train_step(golden_tanet(frozen=False), CPU)
     assert torch.equal(out_f, out_a)
     assert {n for n in g_a if not n.startswith("res365_last.")} == set(g_f)
     assert any(n.startswith("res365_last.") for n in g_a)  # the other path did run autograd through it
@@ -158,14 +129,14 @@ def test_loader_settings():
 @pytest.mark.skipif(CUDA is None, reason="needs CUDA")
 @pytest.mark.parametrize("amp", ["fp16", "bf16"])
 def test_cuda_autocast_stays_close_to_fp32(amp):
-    ref = _predict(_model(device=CUDA), CUDA)
-    low = _predict(_model(device=CUDA, channels_last=True), CUDA, amp=amp, channels_last=True)
+    ref = golden_scores(golden_tanet(device=CUDA), CUDA)
+    low = golden_scores(golden_tanet(device=CUDA, channels_last=True), CUDA, amp=amp, channels_last=True)
     assert torch.isfinite(low).all() and (low - ref).abs().max() < 0.05
     from engine import train_one_epoch
-    model = _model(device=CUDA, channels_last=True)
+    model = golden_tanet(device=CUDA, channels_last=True)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
-    loss = train_one_epoch(model, _batches() * 2, optimizer, torch.nn.MSELoss(), CUDA, amp=amp, scaler=scaler,
+    loss = train_one_epoch(model, golden_batches() * 2, optimizer, torch.nn.MSELoss(), CUDA, amp=amp, scaler=scaler,
                            channels_last=True, progress=False)
     assert loss == loss and loss < 1.0
 
@@ -174,15 +145,15 @@ def test_cuda_autocast_stays_close_to_fp32(amp):
                     reason="torch.compile on the CPU needs a C++ compiler")
 def test_compiled_model_matches_eager():
     """About a minute on 2 cores with an empty inductor cache."""
-    compiled = torch.compile(_model())
+    compiled = torch.compile(golden_tanet())
     ref = _reference()[0]
-    assert (_predict(compiled, CPU) - ref).abs().max() < 1e-4
+    assert (golden_scores(compiled, CPU) - ref).abs().max() < 1e-4
     # The benchmark's compile+freeze+bf16+channels_last path (inductor's weight freezing, inference only).
     bench = _benchmark_tool()
     path = bench.parse_path("compile+freeze+bf16+channels_last", CPU, train=False)
     _, frozen = bench.build_model(path, CPU, golden_state_dict("tad66k"))
     with bench.inductor_freezing(True):
-        fast = _predict(frozen, CPU, amp="bf16", channels_last=True)
+        fast = golden_scores(frozen, CPU, amp="bf16", channels_last=True)
     assert torch.isfinite(fast).all() and (fast - ref).abs().max() < 0.05
 
 

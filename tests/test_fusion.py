@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -12,31 +11,20 @@ from torch.nn import functional as F
 
 import main_nni
 import option
-from engine import predict
-from golden import golden_input, golden_state_dict
 from models import FusedConv2d, TANet, conv_fusion_available, fold_batchnorm, fuse_conv_activations
+from path_helpers import CPU, golden_scores, golden_tanet, perturb_batchnorm
 
 pytestmark = pytest.mark.skipif(not conv_fusion_available(), reason="needs a PyTorch build with oneDNN")
-CPU = torch.device("cpu")
 
 
 def _tanet(variant: str, theme_fusion: str = "batch") -> TANet:
-    model = TANet(variant, theme_fusion=theme_fusion)
-    model.load_state_dict(golden_state_dict(variant), strict=True)
-    g = torch.Generator().manual_seed(5)
-    for m in model.modules():  # BatchNorm far from the identity, so that the folded biases matter
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model.eval()
+    model = golden_tanet(variant, theme_fusion=theme_fusion).eval()
+    perturb_batchnorm(model)  # so that the folded biases matter
+    return model
 
 
 def _scores(model: nn.Module, amp: str = "none", channels_last: bool = False) -> torch.Tensor:
-    x = golden_input(4)
-    batch = {"image": x, "target": torch.zeros(4, 1), "index": torch.arange(4), "path": list("abcd"),
-             "theme": [""] * 4}
-    out = predict(model, [batch], CPU, amp=amp, channels_last=channels_last, progress=False)
-    return torch.from_numpy(np.stack(out.output))
+    return golden_scores(model, CPU, amp=amp, channels_last=channels_last, n=4)
 
 
 def _count(model: nn.Module, kind: type) -> int:

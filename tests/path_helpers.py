@@ -1,0 +1,47 @@
+"""Helpers of the fast-path tests: TANet with the golden weights, a golden batch and its scores, and
+BatchNorm statistics far from the identity (so that folding them has work to do)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from engine import predict
+from golden import golden_input, golden_state_dict
+from models import TANet
+
+CPU = torch.device("cpu")
+
+
+def golden_tanet(variant: str = "tad66k", device: torch.device = CPU, channels_last: bool = False,
+                 frozen: bool = True, theme_fusion: str = "batch") -> TANet:
+    model = TANet(variant, theme_fusion=theme_fusion)
+    model.load_state_dict(golden_state_dict(variant), strict=True)
+    if frozen:
+        model.freeze_theme_backbone()
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def golden_batches(n: int = 3) -> list[dict]:
+    x = golden_input(n)
+    return [{"image": x, "target": torch.linspace(0.2, 0.8, n)[:, None], "index": torch.arange(n),
+             "path": [f"p{i}" for i in range(n)], "theme": [""] * n}]
+
+
+def golden_scores(model: TANet, device: torch.device = CPU, amp: str = "none", channels_last: bool = False,
+                  n: int = 3) -> torch.Tensor:
+    """``predict``'s outputs for the golden batch of ``n`` images."""
+    out = predict(model, golden_batches(n), device, amp=amp, channels_last=channels_last, progress=False)
+    return torch.from_numpy(np.stack(out.output))
+
+
+def perturb_batchnorm(model: TANet, seed: int = 5) -> None:
+    """Every BatchNorm2d's running statistics and scale drawn far from the identity, in place."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
