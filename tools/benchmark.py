@@ -18,7 +18,8 @@ paths alike; CUDA: synchronised); images/s is batch / median step time.  The inp
 thread (images/s per core) on generated JPEGs: decode + reference transform + collate, against cache
 read + collate + crop/flip/normalise.  Prints a table and writes JSON:
 ``{"train": {path: img/s}, "eval": {path: img/s}, "data": {"uncached": img/s/core, "cached": img/s/core},
-"machine": str, ...}`` plus details (peak memory, step times, cache build rate, accuracy).
+"machine": str, "reference": {"train": img/s, "eval": img/s}, ...}`` plus details (peak memory, step
+times, cache build rate, accuracy); the ``reference`` path is reported apart, as its name is not options.
 On the CPU this process runs with ``--allocator tuned`` (as main_nni.py and predict.py do by default); the
 ``reference`` path then runs in a child process with the system allocator, as the reference script runs.
 """
@@ -509,7 +510,9 @@ def machine(device: torch.device) -> str:
 
 
 def table(report: dict) -> str:
-    train, evals, details = report["train"], report["eval"], report["details"]
+    ref = report["reference"]
+    train, evals = ({**report[kind], **({"reference": ref[kind]} if kind in ref else {})} for kind in ("train", "eval"))
+    details = report["details"]
     lines = [f"machine: {report['machine']}",
              f"device {report['device']}, batch {report['batch_size']}, median of {report['steps']} timed steps, "
              f"allocator {report.get('allocator', 'system')} (the reference path: system)",
@@ -610,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"train": {}, "eval": {}, "data": {}, "machine": machine(device), "device": str(device),
                     "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
                     "image_size": list(args.image_size), "details": {"train": {}, "eval": {}},
-                    "allocator": "tuned" if args.allocator_tuned else "system"}
+                    "allocator": "tuned" if args.allocator_tuned else "system", "reference": {}}
     log(f"benchmark on {report['machine']}")
     with tempfile.TemporaryDirectory(prefix="tanet-bench-") as tmp:
         work = Path(tmp)
@@ -620,6 +623,9 @@ def main(argv: list[str] | None = None) -> int:
         if "eval" not in args.skip:
             report["eval"], report["details"]["eval"] = run_paths(eval_names, train=False, args=args, device=device,
                                                                   log=log)
+        for kind in ("train", "eval"):  # the path-named keys name options; the reference loop is apart
+            if "reference" in report[kind]:
+                report["reference"][kind] = report[kind].pop("reference")
         if args.largest_batch:
             for kind, speeds in (("train", report["train"]), ("eval", report["eval"])):
                 batch_paths = [n for n in speeds if "isolated" not in n]
