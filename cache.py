@@ -29,7 +29,7 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from dataset import IMAGENET_MEAN, IMAGENET_STD, DataError, PilResize, load_image
-from util import atomic_save_json, sha256_file
+from safe_io import atomic_save_json, sha256_file
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset, default_collate
 from torchvision import transforms
 
-from util import atomic_save_json, atomic_write, sha256_file
+from safe_io import atomic_save_json, atomic_write, sha256_file
 
 logger = logging.getLogger(__name__)
 

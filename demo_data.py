@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from util import atomic_save_json, atomic_write
+from safe_io import atomic_save_json, atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -47,21 +47,16 @@ from models import (
     scale_learning_rates,
 )
 from reporting import PREDICTION_COLUMNS, ReportError, write_report
-from util import (
+from download import DownloadError
+from runlock import RunLock, RunLockedError
+from runtime import capture_rng_state, resolve_device, restore_rng_state, seed_everything, tune_cpu_allocator
+from safe_io import (
     CheckpointError,
-    DownloadError,
-    RunLock,
-    RunLockedError,
     atomic_save_json,
     atomic_torch_save,
     atomic_write,
-    capture_rng_state,
     remove_stale_temp_files,
-    resolve_device,
-    restore_rng_state,
     safe_torch_load,
-    seed_everything,
-    tune_cpu_allocator,
 )
 
 try:

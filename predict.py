@@ -28,7 +28,8 @@ from scoring import (
     rank_results,
     write_results,
 )
-from util import ALLOCATORS, DownloadError, tune_cpu_allocator
+from download import DownloadError
+from runtime import ALLOCATORS, tune_cpu_allocator
 
 PROG = "predict.py"
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2

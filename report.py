@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataset import DataError
 from option import DATASETS, VARIANT_NAMES
 from reporting import ReportError, write_report, write_split_report
-from util import CheckpointError
+from safe_io import CheckpointError
 
 PROG = "report.py"
 # Data options that may override (or, for a released checkpoint, supply) the run's saved options.

@@ -27,15 +27,9 @@ from models import TANet, read_tanet_checkpoint
 from models.rgb_attention import rgb_similarity
 from models.weights import load_checked
 from option import DATASET_DEFAULTS
-from util import (
-    atomic_save_json,
-    atomic_write,
-    distribution_mean,
-    per_theme_metrics,
-    plcc,
-    resolve_device,
-    srcc,
-)
+from runtime import resolve_device
+from safe_io import atomic_save_json, atomic_write
+from util import distribution_mean, per_theme_metrics, plcc, srcc
 
 PREDICTIONS_CSV = "test_predictions.csv"
 RESULTS_JSON = "results.json"

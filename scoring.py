@@ -26,7 +26,9 @@ from tqdm import tqdm
 from dataset import IMAGE_FORMATS, DataError, build_transform, load_image, to_rgb
 from engine import autocast
 from models import RELEASED, VARIANTS, TANet, load_checked, read_tanet_checkpoint, resolve_weights
-from util import atomic_save_json, atomic_write, distribution_mean, distribution_std, resolve_device
+from runtime import resolve_device
+from safe_io import atomic_save_json, atomic_write
+from util import distribution_mean, distribution_std
 
 ImageSource = Union[str, os.PathLike, Image.Image]
 LIST_SUFFIXES = (".txt", ".csv")

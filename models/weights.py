@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from util import CheckpointError, download, safe_torch_load
+from download import download
+from safe_io import CheckpointError, safe_torch_load
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINTS_ENV = "TANET_CHECKPOINTS"

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import main_nni
-import util
+import safe_io
 from models import VARIANTS, TANet
 
 PARTIAL_BYTES = 1 << 20
@@ -91,7 +91,7 @@ class _DyingFile:
 
 
 def install_hook(hook: tuple[str, str, int] | None) -> None:
-    """Patch util's atomic writes (and main_nni's reference to them) to die at ``hook``."""
+    """Patch safe_io's atomic writes (and main_nni's reference to them) to die at ``hook``."""
     if hook is None:
         return
     kind, suffix, nth = hook
@@ -104,7 +104,7 @@ def install_hook(hook: tuple[str, str, int] | None) -> None:
         return seen["n"] == nth
 
     if kind == "partial":
-        real_atomic_write = util.atomic_write
+        real_atomic_write = safe_io.atomic_write
 
         @contextlib.contextmanager
         def atomic_write(path, mode="wb"):
@@ -116,7 +116,7 @@ def install_hook(hook: tuple[str, str, int] | None) -> None:
                 yield dying
                 dying.flush()  # the whole body fitted under the limit: die with half of it on disk
 
-        util.atomic_write = atomic_write  # atomic_torch_save and atomic_save_json look it up here
+        safe_io.atomic_write = atomic_write  # atomic_torch_save and atomic_save_json look it up here
         main_nni.atomic_write = atomic_write
     elif kind in ("before_replace", "after_replace"):
         real_replace = os.replace
@@ -129,7 +129,7 @@ def install_hook(hook: tuple[str, str, int] | None) -> None:
             if die:
                 _die()
 
-        os.replace = replace  # what util.atomic_write calls
+        os.replace = replace  # what safe_io.atomic_write calls
     else:
         raise ValueError(f"unknown hook kind {kind!r}")
 

@@ -1,4 +1,4 @@
-"""util.download against real local servers on 127.0.0.1 (success and every failure mode)."""
+"""download.download against real local servers on 127.0.0.1 (success and every failure mode)."""
 
 import hashlib
 import http.server
@@ -8,8 +8,8 @@ import threading
 import time
 
 import pytest
+import download
 
-import util
 
 PAYLOAD = os.urandom(200_000)
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -70,7 +70,7 @@ def assert_clean_failure(folder, dest):
 
 def test_success_with_checksum_creates_parent_and_prints_sha(server, tmp_path, capsys):
     dest = tmp_path / "weights" / "model.pth"
-    got = util.download(f"{server}/file.bin", dest, sha256=PAYLOAD_SHA.upper(), progress=False,
+    got = download.download(f"{server}/file.bin", dest, sha256=PAYLOAD_SHA.upper(), progress=False,
                         chunk_size=4096)
     assert got == dest and dest.read_bytes() == PAYLOAD
     assert os.listdir(dest.parent) == ["model.pth"]
@@ -80,7 +80,7 @@ def test_success_with_checksum_creates_parent_and_prints_sha(server, tmp_path, c
 
 def test_success_without_checksum_shows_progress_bar(server, tmp_path, capsys):
     dest = tmp_path / "model.pth"
-    util.download(f"{server}/file.bin", dest, progress=True)
+    download.download(f"{server}/file.bin", dest, progress=True)
     assert dest.read_bytes() == PAYLOAD
     err = capsys.readouterr().err
     assert "100%" in err and PAYLOAD_SHA in err
@@ -88,17 +88,17 @@ def test_success_without_checksum_shows_progress_bar(server, tmp_path, capsys):
 
 def test_success_without_content_length(server, tmp_path):
     dest = tmp_path / "model.pth"
-    util.download(f"{server}/nolength.bin", dest, sha256=PAYLOAD_SHA, progress=False)
+    download.download(f"{server}/nolength.bin", dest, sha256=PAYLOAD_SHA, progress=False)
     assert dest.read_bytes() == PAYLOAD
 
 
 def test_replaces_an_existing_file_only_on_success(server, tmp_path):
     dest = tmp_path / "model.pth"
     dest.write_bytes(b"old")
-    with pytest.raises(util.DownloadError):
-        util.download(f"{server}/file.bin", dest, sha256="0" * 64, progress=False)
+    with pytest.raises(download.DownloadError):
+        download.download(f"{server}/file.bin", dest, sha256="0" * 64, progress=False)
     assert dest.read_bytes() == b"old"
-    util.download(f"{server}/file.bin", dest, progress=False)
+    download.download(f"{server}/file.bin", dest, progress=False)
     assert dest.read_bytes() == PAYLOAD
     assert os.listdir(tmp_path) == ["model.pth"]
 
@@ -106,8 +106,8 @@ def test_replaces_an_existing_file_only_on_success(server, tmp_path):
 def test_checksum_mismatch(server, tmp_path):
     dest = tmp_path / "model.pth"
     url = f"{server}/file.bin"
-    with pytest.raises(util.DownloadError, match="checksum") as info:
-        util.download(url, dest, sha256="ab" * 32, progress=False)
+    with pytest.raises(download.DownloadError, match="checksum") as info:
+        download.download(url, dest, sha256="ab" * 32, progress=False)
     assert url in str(info.value) and PAYLOAD_SHA in str(info.value)
     assert_clean_failure(tmp_path, dest)
 
@@ -115,8 +115,8 @@ def test_checksum_mismatch(server, tmp_path):
 def test_transfer_cut_off(server, tmp_path):
     dest = tmp_path / "model.pth"
     url = f"{server}/cut.bin"
-    with pytest.raises(util.DownloadError, match="cut off") as info:
-        util.download(url, dest, progress=False)
+    with pytest.raises(download.DownloadError, match="cut off") as info:
+        download.download(url, dest, progress=False)
     assert url in str(info.value)
     assert_clean_failure(tmp_path, dest)
 
@@ -124,8 +124,8 @@ def test_transfer_cut_off(server, tmp_path):
 def test_http_404(server, tmp_path):
     dest = tmp_path / "model.pth"
     url = f"{server}/missing.bin"
-    with pytest.raises(util.DownloadError, match="HTTP 404") as info:
-        util.download(url, dest, progress=False)
+    with pytest.raises(download.DownloadError, match="HTTP 404") as info:
+        download.download(url, dest, progress=False)
     assert url in str(info.value)
     assert_clean_failure(tmp_path, dest)
 
@@ -138,8 +138,8 @@ def test_server_that_never_answers_times_out(tmp_path):
     url = f"http://127.0.0.1:{silent.getsockname()[1]}/file.bin"
     try:
         start = time.monotonic()
-        with pytest.raises(util.DownloadError, match="timed out") as info:
-            util.download(url, dest, timeout=0.5, progress=False)
+        with pytest.raises(download.DownloadError, match="timed out") as info:
+            download.download(url, dest, timeout=0.5, progress=False)
         assert time.monotonic() - start < 5
     finally:
         silent.close()
@@ -153,8 +153,8 @@ def test_connection_refused(tmp_path):
     dest = tmp_path / "model.pth"
     url = f"http://127.0.0.1:{closed.getsockname()[1]}/file.bin"
     try:
-        with pytest.raises(util.DownloadError, match="could not connect") as info:
-            util.download(url, dest, timeout=2, progress=False)
+        with pytest.raises(download.DownloadError, match="could not connect") as info:
+            download.download(url, dest, timeout=2, progress=False)
     finally:
         closed.close()
     assert url in str(info.value)
@@ -163,15 +163,15 @@ def test_connection_refused(tmp_path):
 
 def test_bad_url_and_bad_checksum_argument(tmp_path):
     dest = tmp_path / "model.pth"
-    with pytest.raises(util.DownloadError, match="ftp://example.invalid/x"):
-        util.download("ftp://example.invalid/x", dest, progress=False)
+    with pytest.raises(download.DownloadError, match="ftp://example.invalid/x"):
+        download.download("ftp://example.invalid/x", dest, progress=False)
     with pytest.raises(ValueError, match="64 hex digits"):
-        util.download("http://127.0.0.1:9/x", dest, sha256="abc", progress=False)
+        download.download("http://127.0.0.1:9/x", dest, sha256="abc", progress=False)
     assert_clean_failure(tmp_path, dest)
 
 
 def test_never_disables_tls_verification():
     import inspect
 
-    source = inspect.getsource(util.download)
+    source = inspect.getsource(download.download)
     assert "verify" not in source

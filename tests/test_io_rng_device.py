@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-import util
+import runtime
+import safe_io
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,68 +25,68 @@ def draw():
 
 
 def test_seed_everything_is_reproducible():
-    util.seed_everything(123)
+    runtime.seed_everything(123)
     first = draw()
-    util.seed_everything(123)
+    runtime.seed_everything(123)
     assert draw() == first
-    util.seed_everything(124)
+    runtime.seed_everything(124)
     assert draw() != first
 
 
 @pytest.mark.parametrize("bad", [-1, 2 ** 32, 1.5, "7", True])
 def test_seed_everything_rejects_bad_seeds(bad):
     with pytest.raises(ValueError, match="--seed"):
-        util.seed_everything(bad)
+        runtime.seed_everything(bad)
 
 
 def test_rng_state_round_trip_through_weights_only_checkpoint(tmp_path):
-    util.seed_everything(7)
+    runtime.seed_everything(7)
     random.gauss(0, 1)  # leaves a cached gaussian in python's random
     np.random.randn()  # and in numpy's legacy RNG
-    state = util.capture_rng_state()
+    state = runtime.capture_rng_state()
     expected = draw()
     draw()  # move every generator on
     path = tmp_path / "rng.pth"
-    util.atomic_torch_save({"rng": state}, path)
+    safe_io.atomic_torch_save({"rng": state}, path)
     loaded = torch.load(path, weights_only=True)["rng"]
-    util.restore_rng_state(loaded)
+    runtime.restore_rng_state(loaded)
     assert draw() == expected
 
 
 def test_restore_rejects_a_broken_state():
     with pytest.raises(ValueError, match="invalid RNG state"):
-        util.restore_rng_state({"python": {}})
+        runtime.restore_rng_state({"python": {}})
 
 
 def test_resolve_device_cpu_and_auto_without_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert util.resolve_device("cpu") == torch.device("cpu")
-    assert util.resolve_device() == torch.device("cpu")
-    assert util.resolve_device(" AUTO ") == torch.device("cpu")
+    assert runtime.resolve_device("cpu") == torch.device("cpu")
+    assert runtime.resolve_device() == torch.device("cpu")
+    assert runtime.resolve_device(" AUTO ") == torch.device("cpu")
     for name in ("cuda", "cuda:0"):
         with pytest.raises(ValueError, match="--device.*not available"):
-            util.resolve_device(name)
+            runtime.resolve_device(name)
 
 
 def test_resolve_device_with_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert util.resolve_device("auto") == torch.device("cuda")
-    assert util.resolve_device("cuda") == torch.device("cuda")
-    assert util.resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert runtime.resolve_device("auto") == torch.device("cuda")
+    assert runtime.resolve_device("cuda") == torch.device("cuda")
+    assert runtime.resolve_device("cuda:1") == torch.device("cuda", 1)
     with pytest.raises(ValueError, match="--device.*only 2 CUDA"):
-        util.resolve_device("cuda:2")
+        runtime.resolve_device("cuda:2")
 
 
 @pytest.mark.parametrize("bad", ["gpu", "cuda:", "cuda:x", "cuda:-1", "", "tpu:0"])
 def test_resolve_device_rejects_malformed(bad):
     with pytest.raises(ValueError, match="--device"):
-        util.resolve_device(bad)
+        runtime.resolve_device(bad)
 
 
 _RSS_AFTER_FREE = """
-import os, sys, torch, util
-tuned = util.tune_cpu_allocator() if sys.argv[1] == "tuned" else False
+import os, sys, torch, runtime
+tuned = runtime.tune_cpu_allocator() if sys.argv[1] == "tuned" else False
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -112,7 +113,7 @@ def test_tuned_allocator_keeps_freed_tensor_memory_for_reuse():
 
 def test_allocator_tuning_is_linux_glibc_only(monkeypatch):
     monkeypatch.setattr(sys, "platform", "darwin")
-    assert util.tune_cpu_allocator() is False
+    assert runtime.tune_cpu_allocator() is False
 
 
 def test_allocator_choices_agree():
@@ -121,4 +122,4 @@ def test_allocator_choices_agree():
 
     for parser in (option.build_parser(), predict.build_parser()):
         action = next(a for a in parser._actions if a.dest == "allocator")
-        assert tuple(action.choices) == util.ALLOCATORS and action.default == "tuned"
+        assert tuple(action.choices) == runtime.ALLOCATORS and action.default == "tuned"

@@ -1,4 +1,4 @@
-"""Atomic writes, safe checkpoint loading and file hashing in util.py."""
+"""Atomic writes, safe checkpoint loading and file hashing in safe_io.py."""
 
 import hashlib
 import json
@@ -10,7 +10,7 @@ import zipfile
 import pytest
 import torch
 
-import util
+import safe_io
 
 
 class MarkerPayload:
@@ -30,9 +30,9 @@ def listing(folder: pathlib.Path) -> list[str]:
 # ---------------------------------------------------------------- atomic_write
 
 def test_atomic_write_binary_and_text(tmp_path):
-    with util.atomic_write(tmp_path / "a.bin") as f:
+    with safe_io.atomic_write(tmp_path / "a.bin") as f:
         f.write(b"\x00\x01")
-    with util.atomic_write(tmp_path / "b.txt", "w") as f:
+    with safe_io.atomic_write(tmp_path / "b.txt", "w") as f:
         f.write("héllo\n")
     assert (tmp_path / "a.bin").read_bytes() == b"\x00\x01"
     assert (tmp_path / "b.txt").read_text(encoding="utf-8") == "héllo\n"
@@ -43,7 +43,7 @@ def test_atomic_write_failure_leaves_original_untouched_and_no_temp(tmp_path):
     target = tmp_path / "out.json"
     target.write_text("original")
     with pytest.raises(RuntimeError, match="boom"):
-        with util.atomic_write(target, "w") as f:
+        with safe_io.atomic_write(target, "w") as f:
             f.write("partial")
             raise RuntimeError("boom")
     assert target.read_text() == "original"
@@ -52,7 +52,7 @@ def test_atomic_write_failure_leaves_original_untouched_and_no_temp(tmp_path):
 
 def test_atomic_write_failure_on_new_path_leaves_nothing(tmp_path):
     with pytest.raises(KeyboardInterrupt):
-        with util.atomic_write(tmp_path / "new.bin") as f:
+        with safe_io.atomic_write(tmp_path / "new.bin") as f:
             f.write(b"x")
             raise KeyboardInterrupt
     assert listing(tmp_path) == []
@@ -60,9 +60,9 @@ def test_atomic_write_failure_on_new_path_leaves_nothing(tmp_path):
 
 def test_atomic_write_replaces_existing_creates_parent_and_keeps_normal_permissions(tmp_path):
     target = tmp_path / "sub" / "dir" / "f.txt"
-    with util.atomic_write(target, "w") as f:
+    with safe_io.atomic_write(target, "w") as f:
         f.write("one")
-    with util.atomic_write(target, "w") as f:
+    with safe_io.atomic_write(target, "w") as f:
         f.write("two")
     assert target.read_text() == "two"
     plain = tmp_path / "plain.txt"
@@ -73,13 +73,13 @@ def test_atomic_write_replaces_existing_creates_parent_and_keeps_normal_permissi
 
 def test_atomic_write_rejects_other_modes(tmp_path):
     with pytest.raises(ValueError, match="mode"):
-        with util.atomic_write(tmp_path / "x", "a"):
+        with safe_io.atomic_write(tmp_path / "x", "a"):
             pass
 
 
 def test_atomic_save_json_indent_and_nan(tmp_path):
     target = tmp_path / "m.json"
-    util.atomic_save_json({"srcc": float("nan"), "n": 3}, target)
+    safe_io.atomic_save_json({"srcc": float("nan"), "n": 3}, target)
     text = target.read_text()
     assert '\n  "srcc": NaN' in text
     loaded = json.loads(text)
@@ -88,17 +88,17 @@ def test_atomic_save_json_indent_and_nan(tmp_path):
 
 def test_atomic_save_json_unserialisable_keeps_original(tmp_path):
     target = tmp_path / "m.json"
-    util.atomic_save_json({"a": 1}, target)
+    safe_io.atomic_save_json({"a": 1}, target)
     with pytest.raises(TypeError):
-        util.atomic_save_json({"a": object()}, target)
+        safe_io.atomic_save_json({"a": object()}, target)
     assert json.loads(target.read_text()) == {"a": 1}
     assert listing(tmp_path) == ["m.json"]
 
 
 def test_atomic_torch_save_round_trip(tmp_path):
     target = tmp_path / "ck.pth"
-    util.atomic_torch_save({"w": torch.arange(4.0), "epoch": 3}, target)
-    loaded = util.safe_torch_load(target)
+    safe_io.atomic_torch_save({"w": torch.arange(4.0), "epoch": 3}, target)
+    loaded = safe_io.safe_torch_load(target)
     assert loaded["epoch"] == 3 and torch.equal(loaded["w"], torch.arange(4.0))
     assert listing(tmp_path) == ["ck.pth"]
 
@@ -110,12 +110,12 @@ def test_code_running_checkpoint_is_refused_and_does_not_run(tmp_path):
     ckpt = tmp_path / "evil.pth"
     torch.save({"state_dict": {"w": torch.ones(2)}, "payload": MarkerPayload(marker)}, ckpt)
     assert not marker.exists()
-    with pytest.raises(util.UnsafeCheckpointError) as info:
-        util.safe_torch_load(ckpt)
+    with pytest.raises(safe_io.UnsafeCheckpointError) as info:
+        safe_io.safe_torch_load(ckpt)
     message = str(info.value)
     assert str(ckpt) in message and "--allow_unsafe_load" in message and "trusted" in message
     assert "\n" not in message
-    assert isinstance(info.value, util.CheckpointError) and isinstance(info.value, ValueError)
+    assert isinstance(info.value, safe_io.CheckpointError) and isinstance(info.value, ValueError)
     assert not marker.exists()
 
 
@@ -124,7 +124,7 @@ def test_code_running_checkpoint_loads_with_explicit_opt_in(tmp_path):
     ckpt = tmp_path / "evil.pth"
     torch.save({"w": torch.ones(2), "payload": MarkerPayload(marker)}, ckpt)
     with pytest.warns(UserWarning, match="arbitrary code"):
-        loaded = util.safe_torch_load(ckpt, allow_unsafe=True)
+        loaded = safe_io.safe_torch_load(ckpt, allow_unsafe=True)
     assert torch.equal(loaded["w"], torch.ones(2))
     assert marker.exists()
 
@@ -132,7 +132,7 @@ def test_code_running_checkpoint_loads_with_explicit_opt_in(tmp_path):
 def test_safe_checkpoint_with_opt_in_loads_without_warning(tmp_path, recwarn):
     ckpt = tmp_path / "ok.pth"
     torch.save({"w": torch.ones(2)}, ckpt)
-    assert torch.equal(util.safe_torch_load(ckpt, allow_unsafe=True)["w"], torch.ones(2))
+    assert torch.equal(safe_io.safe_torch_load(ckpt, allow_unsafe=True)["w"], torch.ones(2))
     assert not [w for w in recwarn if "arbitrary code" in str(w.message)]
 
 
@@ -140,7 +140,7 @@ def test_legacy_format_plain_state_dict_loads(tmp_path):
     ckpt = tmp_path / "legacy.pth.tar"
     torch.save({"state_dict": {"module.fc.weight": torch.zeros(2, 2)}}, ckpt,
                _use_new_zipfile_serialization=False)
-    assert util.safe_torch_load(ckpt)["state_dict"]["module.fc.weight"].shape == (2, 2)
+    assert safe_io.safe_torch_load(ckpt)["state_dict"]["module.fc.weight"].shape == (2, 2)
 
 
 def _real_checkpoint_bytes(tmp_path: pathlib.Path) -> bytes:
@@ -172,18 +172,18 @@ def test_bad_files_raise_checkpoint_error_naming_the_file(tmp_path, kind):
         data = src.read_bytes()
         src.unlink()
         path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(util.CheckpointError) as info:
-        util.safe_torch_load(path)
-    assert not isinstance(info.value, util.UnsafeCheckpointError)
+    with pytest.raises(safe_io.CheckpointError) as info:
+        safe_io.safe_torch_load(path)
+    assert not isinstance(info.value, safe_io.UnsafeCheckpointError)
     assert path.name in str(info.value)
     assert "\n" not in str(info.value)
 
 
 def test_missing_and_directory_raise_checkpoint_error(tmp_path):
-    with pytest.raises(util.CheckpointError, match="nothere.pth.*not found"):
-        util.safe_torch_load(tmp_path / "nothere.pth")
-    with pytest.raises(util.CheckpointError, match="not a file"):
-        util.safe_torch_load(tmp_path)
+    with pytest.raises(safe_io.CheckpointError, match="nothere.pth.*not found"):
+        safe_io.safe_torch_load(tmp_path / "nothere.pth")
+    with pytest.raises(safe_io.CheckpointError, match="not a file"):
+        safe_io.safe_torch_load(tmp_path)
 
 
 def test_numpy_objects_need_opt_in(tmp_path):
@@ -191,8 +191,8 @@ def test_numpy_objects_need_opt_in(tmp_path):
 
     ckpt = tmp_path / "np.pth"
     torch.save({"arr": np.arange(3)}, ckpt)
-    with pytest.raises(util.UnsafeCheckpointError, match="np.pth"):
-        util.safe_torch_load(ckpt)
+    with pytest.raises(safe_io.UnsafeCheckpointError, match="np.pth"):
+        safe_io.safe_torch_load(ckpt)
 
 
 # ---------------------------------------------------------------- sha256
@@ -201,7 +201,7 @@ def test_sha256_file(tmp_path):
     data = os.urandom(3 << 20)  # spans several read blocks
     path = tmp_path / "blob"
     path.write_bytes(data)
-    assert util.sha256_file(path) == hashlib.sha256(data).hexdigest()
+    assert safe_io.sha256_file(path) == hashlib.sha256(data).hexdigest()
     empty = tmp_path / "empty"
     empty.write_bytes(b"")
-    assert util.sha256_file(empty) == hashlib.sha256(b"").hexdigest()
+    assert safe_io.sha256_file(empty) == hashlib.sha256(b"").hexdigest()

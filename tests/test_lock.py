@@ -1,4 +1,4 @@
-"""util.RunLock: exclusive run folders, stale-lock takeover."""
+"""runlock.RunLock: exclusive run folders, stale-lock takeover."""
 
 import os
 import socket
@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
+import runlock
 
-import util
 
 
 def write_lock(folder, pid, host=None):
@@ -33,7 +33,7 @@ def dead_pid() -> int:
 
 def test_lock_file_holds_pid_and_host_and_is_removed_on_exit(tmp_path):
     run = tmp_path / "run"
-    with util.RunLock(run) as lock:
+    with runlock.RunLock(run) as lock:
         assert lock.path == run / ".lock"
         pid, host = (run / ".lock").read_text().split("\n")[:2]
         assert int(pid) == os.getpid() and host == socket.gethostname()
@@ -41,17 +41,17 @@ def test_lock_file_holds_pid_and_host_and_is_removed_on_exit(tmp_path):
 
 
 def test_second_lock_in_same_process_fails(tmp_path):
-    with util.RunLock(tmp_path):
-        with pytest.raises(util.RunLockedError) as info:
-            util.RunLock(tmp_path).acquire()
+    with runlock.RunLock(tmp_path):
+        with pytest.raises(runlock.RunLockedError) as info:
+            runlock.RunLock(tmp_path).acquire()
         assert str(tmp_path) in str(info.value) and str(os.getpid()) in str(info.value)
-    util.RunLock(tmp_path).acquire().release()  # free again after release
+    runlock.RunLock(tmp_path).acquire().release()  # free again after release
 
 
 def test_lock_of_live_process_is_refused(tmp_path, sleeper):
     write_lock(tmp_path, sleeper.pid)
-    with pytest.raises(util.RunLockedError) as info:
-        with util.RunLock(tmp_path):
+    with pytest.raises(runlock.RunLockedError) as info:
+        with runlock.RunLock(tmp_path):
             pass
     assert str(tmp_path) in str(info.value) and f"pid {sleeper.pid}" in str(info.value)
     assert (tmp_path / ".lock").read_text().startswith(f"{sleeper.pid}\n")  # not stolen
@@ -61,7 +61,7 @@ def test_stale_lock_of_dead_process_is_taken_over(tmp_path):
     pid = dead_pid()
     write_lock(tmp_path, pid)
     with pytest.warns(RuntimeWarning, match=f"stale lock.*{pid}"):
-        lock = util.RunLock(tmp_path).acquire()
+        lock = runlock.RunLock(tmp_path).acquire()
     assert (tmp_path / ".lock").read_text().startswith(f"{os.getpid()}\n")
     lock.release()
     assert not (tmp_path / ".lock").exists()
@@ -69,29 +69,29 @@ def test_stale_lock_of_dead_process_is_taken_over(tmp_path):
 
 def test_lock_becomes_stale_when_holder_is_killed(tmp_path, sleeper):
     write_lock(tmp_path, sleeper.pid)
-    with pytest.raises(util.RunLockedError):
-        util.RunLock(tmp_path).acquire()
+    with pytest.raises(runlock.RunLockedError):
+        runlock.RunLock(tmp_path).acquire()
     sleeper.kill()
     sleeper.wait(timeout=10)
     with pytest.warns(RuntimeWarning, match="stale"):
-        with util.RunLock(tmp_path):
+        with runlock.RunLock(tmp_path):
             assert (tmp_path / ".lock").exists()
 
 
 def test_lock_from_another_host_is_refused(tmp_path):
     write_lock(tmp_path, 12345, host="some-other-host.invalid")
-    with pytest.raises(util.RunLockedError, match="some-other-host.invalid"):
-        util.RunLock(tmp_path).acquire()
+    with pytest.raises(runlock.RunLockedError, match="some-other-host.invalid"):
+        runlock.RunLock(tmp_path).acquire()
 
 
 def test_unreadable_lock_file_is_refused_with_advice(tmp_path):
     (tmp_path / ".lock").write_text("garbage")
-    with pytest.raises(util.RunLockedError, match="delete the lock file"):
-        util.RunLock(tmp_path).acquire()
+    with pytest.raises(runlock.RunLockedError, match="delete the lock file"):
+        runlock.RunLock(tmp_path).acquire()
 
 
 def test_release_on_exception_and_release_is_idempotent(tmp_path):
-    lock = util.RunLock(tmp_path)
+    lock = runlock.RunLock(tmp_path)
     with pytest.raises(KeyError):
         with lock:
             raise KeyError("x")
@@ -100,12 +100,12 @@ def test_release_on_exception_and_release_is_idempotent(tmp_path):
 
 
 def test_release_does_not_remove_someone_elses_lock(tmp_path, sleeper):
-    lock = util.RunLock(tmp_path).acquire()
+    lock = runlock.RunLock(tmp_path).acquire()
     write_lock(tmp_path, sleeper.pid)  # replaced behind our back
     lock.release()
     assert (tmp_path / ".lock").exists()
 
 
 def test_lock_creates_the_folder(tmp_path):
-    with util.RunLock(tmp_path / "a" / "b"):
+    with runlock.RunLock(tmp_path / "a" / "b"):
         assert (tmp_path / "a" / "b" / ".lock").exists()

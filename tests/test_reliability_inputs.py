@@ -29,9 +29,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import dataset as ds
+import download
 import engine
 import main_nni
-import util
 from dataset import DataError
 from engine import NonFiniteError
 from reliability_helpers import TinyTANet
@@ -124,7 +124,7 @@ def test_code_running_weight_file_loads_with_the_opt_in_and_says_so(data, tmp_pa
 def test_code_running_last_checkpoint_in_a_run_folder_is_refused_on_resume(data, tmp_path, tiny, capsys):
     out, marker = tmp_path / "out", tmp_path / "pwned"
     assert main_nni.main(argv_for(data, out)) == 0
-    ckpt = util.safe_torch_load(out / "last.pth")
+    ckpt = safe_io.safe_torch_load(out / "last.pth")
     torch.save({**ckpt, "note": MarkerPayload(marker)}, out / "last.pth")  # planted by someone else
     line = one_line_error(capsys, argv_for(data, out, "--resume", "--num_epoch", "2", "--allow_unsafe_load"))
     assert "last.pth" in line and "arbitrary code" in line
@@ -168,8 +168,8 @@ def test_download_never_turns_tls_verification_off(monkeypatch, tmp_path):
         raise requests.exceptions.ConnectionError("offline")
 
     monkeypatch.setattr(requests, "get", fake_get)
-    with pytest.raises(util.DownloadError):
-        util.download("https://example.invalid/w.pth", tmp_path / "w.pth", progress=False)
+    with pytest.raises(download.DownloadError):
+        download.download("https://example.invalid/w.pth", tmp_path / "w.pth", progress=False)
     assert seen and all(kwargs.get("verify", True) is True for kwargs in seen)
 
 
@@ -217,13 +217,13 @@ def test_download_refuses_a_server_whose_certificate_does_not_verify(tls_server,
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     dest = tmp_path / "w.pth"
-    with pytest.raises(util.DownloadError, match="TLS certificate could not be verified") as info:
-        util.download(url, dest, progress=False)
+    with pytest.raises(download.DownloadError, match="TLS certificate could not be verified") as info:
+        download.download(url, dest, progress=False)
     assert url in str(info.value) and "\n" not in str(info.value)
     assert list(tmp_path.iterdir()) == []
     # the same server, trusted through the CA bundle: the refusal above was the verification
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))
-    assert util.download(url, dest, progress=False).read_bytes() == b"weights"
+    assert download.download(url, dest, progress=False).read_bytes() == b"weights"
 
 
 # --------------------------------------------------------------------------- hostile images

@@ -27,9 +27,9 @@ import pytest
 import torch
 
 import main_nni
-import util
+import safe_io
 from reliability_helpers import TinyTANet, run_main
-from util import safe_torch_load
+from safe_io import safe_torch_load
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="SIGKILL and the forkserver: Linux only")
 
@@ -255,7 +255,7 @@ def test_real_tanet_killed_mid_checkpoint_resumes_to_the_same_weights(ctx, demo_
     partial = list(out.glob(".last.pth.*.tmp"))
     assert len(partial) == 1 and partial[0].stat().st_size == 1 << 20
     assert not (out / "last.pth").exists() and safe_torch_load(out / "best.pth")["epoch"] == 1
-    with pytest.raises(util.CheckpointError):
+    with pytest.raises(safe_io.CheckpointError):
         safe_torch_load(partial[0])  # what a non-atomic save would have left as last.pth
     child = Child(ctx, [*argv, "--resume"], out, tiny=False)
     assert child.wait() == 0, child.tail()
@@ -300,5 +300,5 @@ def test_stale_temp_files_are_recognised_by_name_only(tmp_path):
     stale = [".last.pth.0123456789ab.tmp", ".results.json.ba9876543210.tmp"]
     for name in keep + stale:
         (tmp_path / name).write_text("x")
-    assert sorted(p.name for p in util.remove_stale_temp_files(tmp_path)) == sorted(stale)
+    assert sorted(p.name for p in safe_io.remove_stale_temp_files(tmp_path)) == sorted(stale)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)

@@ -10,7 +10,7 @@ import torch
 import main_nni
 import option
 from reporting import read_predictions
-from util import safe_torch_load
+from safe_io import safe_torch_load
 
 # 16 images of each split, 2 epochs of 2 batches: a few seconds on a CPU.
 BASE = ["--dataset", "demo", "--demo_images", "48", "16", "--max_images", "16", "--batch_size", "8",

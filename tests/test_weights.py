@@ -22,7 +22,7 @@ from models import (
     read_tanet_checkpoint,
     resolve_weights,
 )
-from util import CheckpointError, UnsafeCheckpointError, sha256_file
+from safe_io import CheckpointError, UnsafeCheckpointError, sha256_file
 
 
 @pytest.fixture(scope="module")

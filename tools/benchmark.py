@@ -54,14 +54,8 @@ from cache import CachedDataset, augment_batch, build_cache  # noqa: E402
 from dataset import ScoreImageDataset  # noqa: E402
 from engine import amp_dtype, make_loader, predict, train_one_epoch  # noqa: E402
 from models import TANet, fold_batchnorm, fuse_conv_activations  # noqa: E402
-from util import (  # noqa: E402
-    ALLOCATORS,
-    atomic_save_json,
-    atomic_torch_save,
-    resolve_device,
-    seed_everything,
-    tune_cpu_allocator,
-)
+from runtime import ALLOCATORS, resolve_device, seed_everything, tune_cpu_allocator  # noqa: E402
+from safe_io import atomic_save_json, atomic_torch_save  # noqa: E402
 
 TOKENS = ("compile", "freeze", "isolated", "foldbn", "fuse", "bf16", "fp16", "channels_last")
 CPU_TRAIN = ("reference", "fp32", "channels_last", "bf16", "bf16+channels_last")

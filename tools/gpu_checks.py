@@ -31,7 +31,7 @@ if str(REPO) not in sys.path:
 
 import reporting  # noqa: E402
 from demo_data import ensure_demo_dataset  # noqa: E402
-from util import atomic_save_json  # noqa: E402
+from safe_io import atomic_save_json  # noqa: E402
 
 RUN_FLAGS = ["--quiet", "--no_report", "--seed", "0"]
 

@@ -1,0 +1,112 @@
+"""The process a run lives in: seeds and random-number states, the device, the CPU memory allocator.
+
+A bottom-layer helper: it imports nothing of ours.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import random
+import re
+import sys
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "seed_everything", "resolve_device", "capture_rng_state", "restore_rng_state",
+    "ALLOCATORS", "tune_cpu_allocator",
+]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's random, numpy's global RNG and torch (CPU and all CUDA devices)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 32:
+        raise ValueError(f"--seed must be an integer in [0, 2**32), got {seed!r}")
+    seed = int(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N' -> torch.device."""
+    choice = str(name).strip().lower()
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cpu":
+        return torch.device("cpu")
+    m = re.fullmatch(r"cuda(?::(\d+))?", choice)
+    if not m:
+        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r} asks for CUDA, but CUDA is not available here; use --device cpu")
+    if m.group(1) is not None:
+        index, count = int(m.group(1)), torch.cuda.device_count()
+        if index >= count:
+            raise ValueError(f"--device {name!r}: there are only {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+        return torch.device("cuda", index)
+    return torch.device("cuda")
+
+
+ALLOCATORS = ("tuned", "system")
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+
+
+def tune_cpu_allocator() -> bool:
+    """Keep freed memory in the process for the next step (glibc: no mmap for large blocks, no trimming).
+
+    By default glibc hands every block over 32 MB (a 40-image activation map is 64-128 MB) to a fresh
+    ``mmap`` and unmaps it when freed, so every step page-faults (and zeroes) gigabytes anew: on the
+    CPU that system time costs the float32 model half of its speed. True when applied (Linux, glibc).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return False
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, numpy and torch (CPU, and CUDA when available) RNG states, loadable with weights_only=True."""
+    version, internal, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": {"version": int(version), "internal": [int(x) for x in internal], "gauss_next": gauss_next},
+        "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Restore what capture_rng_state() returned (CUDA states only if CUDA is available)."""
+    try:
+        py, npy, cpu = state["python"], state["numpy"], state["torch"]
+        random.setstate((int(py["version"]), tuple(int(x) for x in py["internal"]), py["gauss_next"]))
+        keys = npy["keys"]
+        keys = keys.cpu().numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+        np.random.set_state((str(npy["name"]), keys.astype(np.uint32), int(npy["pos"]),
+                             int(npy["has_gauss"]), float(npy["cached_gaussian"])))
+        torch.set_rng_state(cpu.cpu().to(torch.uint8))
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"invalid RNG state in checkpoint: {type(exc).__name__}: {exc}") from None
+    cuda_states = state.get("cuda")
+    if cuda_states and torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        if len(cuda_states) != count:
+            warnings.warn(f"checkpoint has RNG states for {len(cuda_states)} CUDA devices, this machine has "
+                          f"{count}; restoring the first {min(count, len(cuda_states))}", RuntimeWarning,
+                          stacklevel=2)
+        for i, s in enumerate(cuda_states[:count]):
+            torch.cuda.set_rng_state(s.cpu().to(torch.uint8), device=i)

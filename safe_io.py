@@ -1,0 +1,170 @@
+"""Files that are never left half-written and never run code: atomic writes, the clean-up of an
+interrupted write's temp files, weights-only checkpoint loading, file digests.
+
+A bottom-layer helper: it imports nothing of ours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import pathlib
+import re
+import uuid
+import warnings
+from collections.abc import Iterator
+from typing import IO, Any
+
+import torch
+
+PathLike = str | os.PathLike
+
+__all__ = [
+    "atomic_write", "atomic_save_json", "atomic_torch_save", "remove_stale_temp_files",
+    "CheckpointError", "UnsafeCheckpointError", "safe_torch_load", "sha256_file",
+]
+
+
+def _temp_path_beside(path: pathlib.Path, suffix: str) -> pathlib.Path:
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}{suffix}")
+
+
+@contextlib.contextmanager
+def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Yield a file on a temp file beside `path`; on success fsync + rename onto `path`.
+
+    If the body raises, the temp file is removed and `path` is left untouched.
+    Creates the parent folder if needed. `mode` is "wb" or "w" (UTF-8 text).
+    """
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_write: mode must be 'wb' or 'w', got {mode!r}")
+    target = pathlib.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path_beside(target, ".tmp")
+    # 0o666 so the usual umask applies, as for a plain open()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename durable; not possible everywhere
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def atomic_save_json(obj: Any, path: PathLike) -> None:
+    """Write `obj` as indented JSON (NaN allowed), atomically."""
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def atomic_torch_save(obj: Any, path: PathLike) -> None:
+    """torch.save `obj` to `path`, atomically."""
+    with atomic_write(path, "wb") as f:
+        torch.save(obj, f)
+
+
+_TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")  # what _temp_path_beside makes
+
+
+def remove_stale_temp_files(folder: PathLike) -> list[pathlib.Path]:
+    """Delete the temp files of atomic writes that a killed process left in `folder`; returns them.
+
+    Call it only while holding the folder's RunLock: nobody else can be writing there then.
+    """
+    removed = []
+    for p in sorted(pathlib.Path(folder).glob(".*.tmp")):
+        if _TEMP_NAME.fullmatch(p.name) and p.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, empty, truncated or not a PyTorch file."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint needs full (code-executing) unpickling and no opt-in was given."""
+
+
+# Phrases of torch's weights-only unpickler meaning "valid pickle, but it references code".
+_UNSAFE_MARKERS = ("Unsupported global", "Unsupported class", "not an allowed global",
+                   "unrecognized function", "Unsupported reduce")
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    line = text.splitlines()[0].strip()
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+def _weights_only_failure(exc: BaseException) -> tuple[bool, str]:
+    """(needs_unsafe, short cause) for an exception of torch.load(weights_only=True)."""
+    texts = [str(exc)]
+    if exc.__context__ is not None:
+        texts.append(str(exc.__context__))
+    joined = "\n".join(texts)
+    if any(m in joined for m in _UNSAFE_MARKERS):
+        found = re.search(r"GLOBAL ([\w.]+)", joined) or re.search(r"Unsupported class ([\w.]+)", joined)
+        return True, (found.group(1) if found else "")
+    inner = exc.__context__ if exc.__context__ is not None and "Weights only load failed" in texts[0] else exc
+    return False, f"{type(inner).__name__}: {first_line(inner)}"
+
+
+def safe_torch_load(path: PathLike, *, allow_unsafe: bool = False, map_location: Any = "cpu") -> Any:
+    """torch.load with weights_only=True; clear CheckpointError for any unreadable file.
+
+    A file that needs full unpickling raises UnsafeCheckpointError unless allow_unsafe=True,
+    in which case it is loaded with weights_only=False after a warning.
+    """
+    p = pathlib.Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {p} not found")
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {p} is not a file")
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {p} is empty (0 bytes)")
+    try:
+        return torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
+        needs_unsafe, cause = _weights_only_failure(exc)
+        if not needs_unsafe:
+            raise CheckpointError(f"checkpoint {p} is not a readable PyTorch file "
+                                  f"(truncated or wrong format?): {cause}") from None
+    if not allow_unsafe:
+        what = f" (it references {cause})" if cause else ""
+        raise UnsafeCheckpointError(
+            f"checkpoint {p} contains pickled Python objects that can run arbitrary code when loaded{what}; "
+            f"it can only be loaded with the explicit opt-in --allow_unsafe_load, and only from a trusted source")
+    warnings.warn(f"--allow_unsafe_load: unpickling {p} with weights_only=False, which can execute "
+                  f"arbitrary code; do this only for files from a trusted source", UserWarning, stacklevel=2)
+    try:
+        return torch.load(p, map_location=map_location, weights_only=False)
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"checkpoint {p} could not be loaded: {type(exc).__name__}: "
+                              f"{first_line(exc)}") from None
+
+
+def sha256_file(path: PathLike) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
