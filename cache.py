@@ -26,15 +26,17 @@ import torchvision
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import transforms
-from tqdm import tqdm
 
-from dataset import IMAGENET_MEAN, IMAGENET_STD, DataError, PilResize, load_image
+from console import progress as progress_bar
+from dataset import DataError, PilResize, load_image
+from presets import IMAGENET_MEAN, IMAGENET_STD
+from presets import INPUT_SIZE as MODEL_INPUT
+from runtime import usable_cpus
 from safe_io import atomic_save_json, sha256_file
 
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = "tanet-cache/1"  # bump when the files' layout or meaning changes
-MODEL_INPUT = 224  # the side of TANet's input
 INDEX_FILE, PIXELS_FILE, PROGRESS_FILE = "index.json", "pixels.u8", "progress.json"
 DEFAULT_CHUNK = 128
 _MAX_LISTED = 3
@@ -341,10 +343,6 @@ def _same_build(old: dict | None, new: dict) -> bool:
     return old is not None and all(old.get(k) == new[k] for k in _BUILD_KEYS)
 
 
-def default_build_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def build_cache(dataset: Any, out_dir: str | os.PathLike, *, chunk_size: int = DEFAULT_CHUNK,
                 workers: int | None = None, progress: bool = True, command: str | None = None,
                 on_chunk: Callable[[int], None] | None = None) -> BuildReport:
@@ -392,8 +390,8 @@ def build_cache(dataset: Any, out_dir: str | os.PathLike, *, chunk_size: int = D
     report = BuildReport(out, n, n_chunks, reused=len(done))
     todo = [(c, c * chunk_size, min(n, (c + 1) * chunk_size)) for c in range(n_chunks) if c not in done]
     init = (str(pixels_path), index["paths"], _resize_steps(dataset.transform), shape, index["skip_bad"])
-    bar = tqdm(total=n, initial=n - sum(stop - start for _, start, stop in todo), unit="img",
-               desc=f"cache {out.name}", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=n, initial=n - sum(stop - start for _, start, stop in todo), unit="img",
+                       desc=f"cache {out.name}", enabled=progress)
 
     def record_chunk(chunk: int, chunk_bad: dict[int, str]) -> None:
         done.add(chunk)
@@ -406,7 +404,7 @@ def build_cache(dataset: Any, out_dir: str | os.PathLike, *, chunk_size: int = D
 
     try:
         if workers is None:
-            workers = default_build_workers()
+            workers = usable_cpus()
         if workers == 0 or len(todo) <= 1:
             _init_worker(*init)
             for job in todo:

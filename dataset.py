@@ -3,12 +3,15 @@ transforms, TAD66K-format and AVA datasets, missing-image checks and the validat
 
 from __future__ import annotations
 
+import copy
+import csv
 import hashlib
 import io
 import json
 import logging
 import math
 import os
+import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path, PurePath
@@ -21,6 +24,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset, default_collate
 from torchvision import transforms
 
+from presets import IMAGENET_MEAN, IMAGENET_STD, TRANSFORMS
 from safe_io import atomic_save_json, atomic_write, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -29,8 +33,6 @@ REPO_DIR = Path(__file__).resolve().parent
 DEFAULT_TAD66K_DIR = REPO_DIR / "data" / "TAD66K"
 DEFAULT_AVA_DIR = REPO_DIR / "data" / "AVA"
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 AVA_VOTE_COLUMNS = tuple(f"score{i}" for i in range(2, 12))  # score2 = votes for 1 ... score11 = votes for 10
 AVA_TAG_COLUMNS = ("tag1", "tag2", "tag3")
@@ -142,58 +144,89 @@ class PilResize:
         return f"{type(self).__name__}(size={self.size})"
 
 
-def _to_normalised_tensor() -> list:
-    return [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-
-
-def tad66k_train_transform() -> transforms.Compose:
-    """Reference TAD66K training: Resize((256,256)), RandomHorizontalFlip, RandomCrop(224), ToTensor, Normalize."""
-    return transforms.Compose([transforms.Resize((256, 256)), transforms.RandomHorizontalFlip(),
-                               transforms.RandomCrop(224), *_to_normalised_tensor()])
-
-
-def tad66k_eval_transform() -> transforms.Compose:
-    """Reference TAD66K test: Resize((224,224)), ToTensor, Normalize."""
-    return transforms.Compose([transforms.Resize((224, 224)), *_to_normalised_tensor()])
-
-
-def ava_train_transform() -> transforms.Compose:
-    """Reference AVA training: PIL resize((224,224)), RandomHorizontalFlip, ToTensor, Normalize."""
-    return transforms.Compose([PilResize((224, 224)), transforms.RandomHorizontalFlip(), *_to_normalised_tensor()])
-
-
-def ava_eval_transform() -> transforms.Compose:
-    """Reference AVA test: PIL resize((224,224)), ToTensor, Normalize."""
-    return transforms.Compose([PilResize((224, 224)), *_to_normalised_tensor()])
-
-
 def build_transform(style: str, train: bool) -> transforms.Compose:
-    """The reference transform of a style ("tad66k" or "ava") for training or evaluation."""
-    table = {("tad66k", True): tad66k_train_transform, ("tad66k", False): tad66k_eval_transform,
-             ("ava", True): ava_train_transform, ("ava", False): ava_eval_transform}
-    if (style, bool(train)) not in table:
+    """The reference transform of a data style ("tad66k" or "ava", ``presets.TRANSFORMS``) for
+    training or evaluation: TAD66K Resize((256,256)), RandomHorizontalFlip, RandomCrop(224) /
+    Resize((224,224)); AVA PIL resize((224,224)) [, RandomHorizontalFlip]; then ToTensor, Normalize."""
+    if style not in TRANSFORMS:
         raise ValueError(f"transform style must be 'tad66k' or 'ava', got {style!r}")
-    return table[(style, bool(train))]()
+    spec = TRANSFORMS[style]
+    height, width = spec.train_size if train else spec.eval_size
+    steps: list[Any] = [transforms.Resize((height, width)) if spec.resizer == "torchvision" else PilResize((width, height))]
+    if train:
+        steps.append(transforms.RandomHorizontalFlip())
+        if spec.train_crop:
+            steps.append(transforms.RandomCrop(spec.train_crop))
+    return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 # --------------------------------------------------------------------------- CSV reading
 
-def _read_csv_text(path: Path) -> pd.DataFrame:
-    """Every cell as a string (no NA guessing), blank lines skipped; DataError for unreadable files."""
+# Limits checked before a CSV is parsed, so that time and memory are bounded by them, not by the file.
+# The largest real split CSVs: AVA's training CSV, about 230,000 rows and 11 MB; TAD66K's, 2 MB.
+MAX_CSV_BYTES = 64 << 20
+MAX_CSV_LINE = 16 << 10  # bytes of one line (an image name may be a 4 KiB path)
+MAX_CSV_COLUMNS = 64
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """A user's cell or name for an error message: its repr, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 4]}...{text[-1]}"
+
+
+def read_bounded_text(path: str | os.PathLike, what: str = "CSV", max_bytes: int = MAX_CSV_BYTES) -> str:
+    """A CSV or list file's text (UTF-8, BOM dropped) after checking its size and its longest line
+    against ``max_bytes`` and ``MAX_CSV_LINE``; DataError naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} {path} not found" if not path.exists() else f"{what} {path} is not a file")
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"CSV {path} not found") from None
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
     except OSError as exc:
-        raise DataError(f"CSV {path} cannot be read: {exc}") from None
+        raise DataError(f"{what} {path} cannot be read: {exc.strerror or exc}") from None
+    if len(data) > max_bytes:
+        raise DataError(f"{what} {path} is larger than {max_bytes >> 20} MiB, more than any split needs "
+                        f"(AVA's training CSV is about 11 MB); is it the right file?")
+    ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10)
+    lengths = np.diff(np.concatenate(([-1], ends, [len(data)])))
+    if lengths.size and int(lengths.max()) > MAX_CSV_LINE + 1:
+        line = int(np.argmax(lengths)) + 1
+        raise DataError(f"{what} {path}: line {line} is {int(lengths.max()) - 1} bytes long, more than the "
+                        f"{MAX_CSV_LINE} a row can hold; is it the right file?")
     try:
-        text = data.decode("utf-8-sig")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data[:exc.start].count(b"\n") + 1
-        raise DataError(f"CSV {path}: line {line} is not valid UTF-8 (byte {data[exc.start]:#04x}); "
+        raise DataError(f"{what} {path}: line {line} is not valid UTF-8 (byte {data[exc.start]:#04x}); "
                         f"save the file as UTF-8") from None
+
+
+def _check_header(text: str, path: Path) -> None:
+    """At most ``MAX_CSV_COLUMNS`` columns, none named twice (pandas would silently rename the second)."""
+    first = re.split(r"\r\n|\r|\n", text.lstrip("\r\n"), maxsplit=1)[0]
+    try:
+        header = next(csv.reader([first]), [])
+    except csv.Error as exc:
+        raise DataError(f"CSV {path}: the header is not valid CSV ({exc})") from None
+    if len(header) > MAX_CSV_COLUMNS:
+        raise DataError(f"CSV {path}: the header has {len(header)} columns, more than the {MAX_CSV_COLUMNS} a "
+                        f"split CSV can have; is it the right file?")
+    seen: dict[str, int] = {}
+    for number, name in enumerate((c.strip() for c in header), start=1):
+        if name in seen:
+            raise DataError(f"CSV {path}: column {_show(name)} appears twice in the header (columns "
+                            f"{seen[name]} and {number}); rename or remove one")
+        seen[name] = number
+
+
+def _read_csv_text(path: Path) -> pd.DataFrame:
+    """Every cell as a string (no NA guessing), blank lines skipped; DataError for unreadable files."""
+    text = read_bounded_text(path)
     if not text.strip():
         raise DataError(f"CSV {path} is empty (no header, no rows)")
+    _check_header(text, path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", pd.errors.ParserWarning)
@@ -202,7 +235,7 @@ def _read_csv_text(path: Path) -> pd.DataFrame:
     except pd.errors.ParserWarning:
         raise DataError(f"CSV {path} is not a valid CSV: some rows have more fields than the header") from None
     except (pd.errors.ParserError, ValueError) as exc:
-        raise DataError(f"CSV {path} is not a valid CSV: {str(exc).strip()}") from None
+        raise DataError(f"CSV {path} is not a valid CSV: {_show(str(exc).strip(), 200)}") from None
     df.columns = [str(c).strip() for c in df.columns]
     return df
 
@@ -210,15 +243,16 @@ def _read_csv_text(path: Path) -> pd.DataFrame:
 def _require_columns(df: pd.DataFrame, path: Path, required: Sequence[str]) -> None:
     missing = [c for c in required if c not in df.columns]
     if missing:
+        has = ", ".join(_show(c, 40) for c in list(df.columns)[:10]) + (", ..." if len(df.columns) > 10 else "")
         raise DataError(f"CSV {path}: missing column(s) {', '.join(missing)} "
-                        f"(has {', '.join(map(str, df.columns)) or 'none'}; expected {','.join(required)})")
+                        f"(has {has or 'none'}; expected {','.join(required)})")
     if len(df) == 0:
         raise DataError(f"CSV {path} has a header but no data rows (empty split)")
 
 
 def _row_ref(df: pd.DataFrame, i: int, name_col: str) -> str:
     name = str(df[name_col].iloc[i])
-    return f"row {i + 1} ({name!r})" if name else f"row {i + 1}"
+    return f"row {i + 1} ({_show(name)})" if name else f"row {i + 1}"
 
 
 def _check_names(df: pd.DataFrame, path: Path, col: str) -> None:
@@ -230,12 +264,12 @@ def _check_names(df: pd.DataFrame, path: Path, col: str) -> None:
     control = np.flatnonzero(names.str.contains(r"[\x00-\x1f\x7f]", regex=True).to_numpy())
     if control.size:
         i = int(control[0])
-        raise DataError(f"CSV {path}: row {i + 1} has a {col} with control characters: {names.iloc[i]!r}")
+        raise DataError(f"CSV {path}: row {i + 1} has a {col} with control characters: {_show(names.iloc[i])}")
     dup = names.duplicated(keep=False)
     if dup.any():
         first = names[dup].iloc[0]
         rows = [str(i + 1) for i in np.flatnonzero((names == first).to_numpy())]
-        raise DataError(f"CSV {path}: {col} {first!r} appears more than once (rows {', '.join(rows)}); "
+        raise DataError(f"CSV {path}: {col} {_show(first)} appears more than once (rows {', '.join(rows[:10])}); "
                         f"{int(names[dup].nunique())} duplicated name(s) in all")
 
 
@@ -247,7 +281,7 @@ def _numbers(df: pd.DataFrame, path: Path, col: str, name_col: str, what: str) -
     if bad.size:
         i = int(bad[0])
         cell = raw.iloc[i]
-        why = "is empty" if cell == "" else f"is not a number ({cell!r})" if cell.lower() != "nan" else "is NaN"
+        why = "is empty" if cell == "" else f"is not a number ({_show(cell)})" if cell.lower() != "nan" else "is NaN"
         raise DataError(f"CSV {path}: {_row_ref(df, i, name_col)}: {what}{col} {why}"
                         f"{f' ({bad.size} such rows)' if bad.size > 1 else ''}")
     return values
@@ -320,7 +354,7 @@ def read_ava_csv(path: str | os.PathLike) -> pd.DataFrame:
             i = int(bad[0])
             problem = ("is negative" if values[i] < 0 else "is too large" if values[i] >= 2 ** 53
                        else "is not a whole number")
-            raise DataError(f"CSV {path}: {_row_ref(df, i, 'image_id')}: {what} {col} = {df[col].iloc[i]!r} "
+            raise DataError(f"CSV {path}: {_row_ref(df, i, 'image_id')}: {what} {col} = {_show(df[col].iloc[i])} "
                             f"{problem}{f' ({bad.size} such rows)' if bad.size > 1 else ''}")
         out[col] = values.astype(np.int64)
     zero = np.flatnonzero(out[list(AVA_VOTE_COLUMNS)].to_numpy().sum(axis=1) == 0)
@@ -371,22 +405,22 @@ _SEPARATORS = ("/", "\\", ":") if os.name == "nt" else ("/",)
 
 def _image_path(image_dir: str, name: str, allow_outside: bool) -> str:
     if not isinstance(name, str) or not name or "\x00" in name:
-        raise DataError(f"invalid image name {name!r}")
+        raise DataError(f"invalid image name {_show(name)}")
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
-        raise DataError(f"image name {name!r} is not valid Unicode") from None
+        raise DataError(f"image name {_show(name)} is not valid Unicode") from None
     if not allow_outside and (name == ".." or any(sep in name for sep in _SEPARATORS)):
         pure = PurePath(name)  # the platform's own rules: on Windows both / and \ separate, C: is a drive
         if pure.is_absolute() or pure.anchor:
-            raise DataError(f"image name {name!r} is an absolute path; names must be relative to the "
-                            f"image folder {image_dir} (allow_outside=True to accept it)")
+            raise DataError(f"image name {_show(name)} is an absolute path; names must be relative to the "
+                            f"image folder {image_dir} (--path_to_images)")
         depth = 0
         for part in pure.parts:
             depth += -1 if part == ".." else 0 if part == "." else 1
             if depth < 0:
-                raise DataError(f"image name {name!r} points outside the image folder {image_dir} "
-                                f"(allow_outside=True to accept it)")
+                raise DataError(f"image name {_show(name)} points outside the image folder {image_dir}; names "
+                                f"must stay inside --path_to_images (set it to a folder that holds them all)")
     return os.path.join(image_dir, name)
 
 
@@ -395,15 +429,30 @@ def resolve_image_path(image_dir: str | os.PathLike, name: str, *, allow_outside
     return Path(_image_path(os.fspath(image_dir), name, allow_outside))
 
 
+def link_leaves_folder(path: str, real_root: str) -> str | None:
+    """Where ``path`` really is, when a symbolic link (of the file or of a folder on its way) takes it
+    out of the folder whose real path is ``real_root``; None when it stays inside."""
+    real = os.path.realpath(path)
+    return None if real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep) else real
+
+
 def _image_paths(csv_path: Path, image_dir: str | os.PathLike, names: Iterable[str], allow_outside: bool,
-                 suffix: str = "") -> list[str]:
+                 suffix: str = "", follow_symlinks: bool = False) -> list[str]:
     folder = os.fspath(image_dir)
+    root = os.path.realpath(folder)
     paths = []
     for i, name in enumerate(names):
         try:
-            paths.append(_image_path(folder, name + suffix, allow_outside))
+            path = _image_path(folder, name + suffix, allow_outside)
+            # a name without a separator can only leave the folder if the file itself is a link
+            if not (allow_outside or follow_symlinks) and ("/" in name or os.sep in name or os.path.islink(path)):
+                real = link_leaves_folder(path, root)
+                if real is not None:
+                    raise DataError(f"image {_show(name)} is a symbolic link to {_show(real, 200)}, outside the "
+                                    f"image folder {folder}; pass --follow_symlinks to allow links that leave it")
         except DataError as exc:
             raise DataError(f"CSV {csv_path}: row {i + 1}: {exc}") from None
+        paths.append(path)
     return paths
 
 
@@ -413,11 +462,13 @@ class ImageTableDataset(Dataset):
     """Base of the datasets: one row per image with name, path, score (1..10), target, theme.
 
     Items are dicts {"image", "target", "score", "theme", "index", "path"}; with skip_bad an
-    undecodable image gives None (use collate_skip_none).
+    undecodable image gives None (use collate_skip_none). ``rows`` are the 1-based data rows of
+    ``source`` (the CSV) that the items come from, for messages.
     """
 
     def __init__(self, *, names: Sequence[str], paths: Sequence[str], scores: np.ndarray, targets: np.ndarray,
                  themes: Sequence[str], transform: Any, skip_bad: bool, source: Path) -> None:
+        self.rows = list(range(1, len(names) + 1))
         self.names = list(names)
         self.paths = [os.fspath(p) for p in paths]
         self.scores = np.asarray(scores, dtype=np.float64)
@@ -449,11 +500,21 @@ class ImageTableDataset(Dataset):
         if m.shape != (len(self),):
             raise ValueError(f"keep: mask must have {len(self)} entries, got shape {m.shape}")
         idx = np.flatnonzero(m)
+        self.rows = [self.rows[i] for i in idx]
         self.names = [self.names[i] for i in idx]
         self.paths = [self.paths[i] for i in idx]
         self.themes = [self.themes[i] for i in idx]
         self.scores = self.scores[idx]
         self.targets = self.targets[idx]
+
+    def subset(self, mask: Sequence[bool] | np.ndarray, *, train: bool | None = None) -> "ImageTableDataset":
+        """A copy with only the rows where mask is True, with the transform of ``train`` when given."""
+        part = copy.copy(self)
+        part.keep(mask)
+        if train is not None:
+            part.train = bool(train)
+            part.transform = build_transform(part.transform_style, train)
+        return part
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self)} images from {self.source})"
@@ -468,11 +529,12 @@ class ScoreImageDataset(ImageTableDataset):
 
     def __init__(self, csv_path: str | os.PathLike, image_dir: str | os.PathLike, *, train: bool,
                  themes: Mapping[str, str] | None = None, score_range: Sequence[float] = (1.0, 10.0),
-                 transform_style: str = "tad66k", skip_bad: bool = False, allow_outside: bool = False) -> None:
+                 transform_style: str = "tad66k", skip_bad: bool = False, allow_outside: bool = False,
+                 follow_symlinks: bool = False) -> None:
         low, high = _check_score_range(score_range)
         df = read_score_csv(csv_path, (low, high))
         csv_path = Path(csv_path)
-        paths = _image_paths(csv_path, image_dir, df["image"], allow_outside)
+        paths = _image_paths(csv_path, image_dir, df["image"], allow_outside, follow_symlinks=follow_symlinks)
         raw = df["score"].to_numpy()
         # identity for 1..10 exactly, so targets are the reference's score / 10 bit for bit
         scores = raw if (low, high) == (1.0, 10.0) else 1.0 + 9.0 * (raw - low) / (high - low)
@@ -489,6 +551,8 @@ class ScoreImageDataset(ImageTableDataset):
                          targets=(scores / 10.0)[:, None], themes=theme_list,
                          transform=build_transform(transform_style, train), skip_bad=skip_bad, source=csv_path)
         self.train = bool(train)
+        self.transform_style = transform_style
+        self.themed = "theme" in df.columns or themes is not None
 
 
 class AVADataset(ImageTableDataset):
@@ -499,12 +563,14 @@ class AVADataset(ImageTableDataset):
     """
 
     def __init__(self, csv_path: str | os.PathLike, image_dir: str | os.PathLike, *, train: bool,
-                 variant: str = "ava", skip_bad: bool = False, allow_outside: bool = False) -> None:
+                 variant: str = "ava", skip_bad: bool = False, allow_outside: bool = False,
+                 follow_symlinks: bool = False) -> None:
         if variant not in ("ava", "tad66k"):
             raise ValueError(f"variant must be 'ava' or 'tad66k', got {variant!r}")
         df = read_ava_csv(csv_path)
         csv_path = Path(csv_path)
-        paths = _image_paths(csv_path, image_dir, df["image_id"], allow_outside, suffix=".jpg")
+        paths = _image_paths(csv_path, image_dir, df["image_id"], allow_outside, suffix=".jpg",
+                             follow_symlinks=follow_symlinks)
         votes = df[list(AVA_VOTE_COLUMNS)].to_numpy(dtype=np.float64)
         dist = votes / votes.sum(axis=1, keepdims=True)
         scores = dist @ np.arange(1, 11, dtype=np.float64)
@@ -513,6 +579,7 @@ class AVADataset(ImageTableDataset):
                          themes=[""] * len(df), transform=build_transform("ava", train), skip_bad=skip_bad,
                          source=csv_path)
         self.train = bool(train)
+        self.transform_style = "ava"
         self.variant = variant
 
 
@@ -520,35 +587,6 @@ def collate_skip_none(batch: Sequence[dict[str, Any] | None]) -> dict[str, Any] 
     """default_collate after dropping the None items of skipped bad images; None if all were bad."""
     kept = [item for item in batch if item is not None]
     return default_collate(kept) if kept else None
-
-
-def check_images_exist(dataset: ImageTableDataset, *, skip_missing: bool = False,
-                       missing_log: str | os.PathLike | None = None) -> ImageTableDataset:
-    """Check every image file of the dataset exists; return the dataset.
-
-    Missing files: DataError with the count and the first names, unless skip_missing, which drops
-    them from the dataset (in place), writes their names to missing_log and logs a warning.
-    """
-    missing = np.array([not os.path.isfile(p) for p in dataset.paths], dtype=bool)
-    n = int(missing.sum())
-    if n == 0:
-        return dataset
-    names = [dataset.names[i] for i in np.flatnonzero(missing)]
-    listed = ", ".join(repr(x) for x in names[:_MAX_LISTED]) + (", ..." if n > _MAX_LISTED else "")
-    where = f"{n} of {len(dataset)} images listed in {dataset.source} are missing"
-    folder = os.path.dirname(dataset.paths[int(np.flatnonzero(missing)[0])])
-    if not skip_missing:
-        raise DataError(f"{where} (first: {listed}; looked in {folder}); check the image folder, or pass "
-                        f"--skip_missing to train without them")
-    if n == len(dataset):
-        raise DataError(f"{where}: all of them (first: {listed}; looked in {folder}); check the image folder")
-    if missing_log is not None:
-        with atomic_write(missing_log, "w") as f:
-            f.write("".join(f"{x}\n" for x in names))
-    logger.warning("%s; skipping them (--skip_missing)%s", where,
-                   f", names written to {missing_log}" if missing_log is not None else "")
-    dataset.keep(~missing)
-    return dataset
 
 
 # --------------------------------------------------------------------------- validation split
@@ -565,40 +603,13 @@ def _split_counts(groups: Mapping[str, int], fraction: float) -> dict[str, int]:
     return counts
 
 
-def _themes_digest(names: Iterable[str], themes: Mapping[str, str] | None) -> str | None:
-    if themes is None:
-        return None
-    h = hashlib.sha256()
-    for name in names:
-        h.update(f"{name}\x00{themes.get(name, '')}\n".encode("utf-8"))
-    return h.hexdigest()
-
-
-def make_validation_split(train_csv: str | os.PathLike, out_dir: str | os.PathLike, *, fraction: float = 0.1,
-                          seed: int = 0, themes: Mapping[str, str] | None = None,
-                          score_range: Sequence[float] | None = None) -> tuple[Path, Path]:
-    """Carve a validation split off a training CSV: write out_dir/train_split.csv and val_split.csv.
-
-    Deterministic for (CSV content, fraction, seed, themes); stratified by theme (the CSV's theme
-    column, else `themes`) when there are themes.  Reuses existing files made from the same inputs
-    (recorded in split_info.json), rebuilds otherwise; every file is written atomically.
-    """
-    train_csv, out_dir = Path(train_csv), Path(out_dir)
+def carve_validation(labels: Sequence[str], *, fraction: float = 0.1, seed: int = 0) -> np.ndarray:
+    """Which rows go to validation: round(fraction * N) rows, stratified by label (a theme, or "" for
+    none), drawn by a generator seeded with ``seed``; deterministic for the same labels, fraction and seed."""
     if not (isinstance(fraction, (int, float)) and 0.0 < float(fraction) < 1.0):
         raise ValueError(f"validation fraction must be in (0, 1), got {fraction!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"split seed must be a non-negative integer, got {seed!r}")
-    df = read_score_csv(train_csv, score_range)
-    if len(df) < 2:
-        raise DataError(f"CSV {train_csv} has {len(df)} row(s); a validation split needs at least 2")
-    theme_of = (dict(zip(df["image"], df["theme"])) if "theme" in df.columns else themes)
-    info = {"source_csv": str(train_csv), "source_sha256": sha256_file(train_csv), "fraction": float(fraction),
-            "seed": int(seed), "themes_sha256": _themes_digest(df["image"], theme_of)}
-    train_out, val_out, info_path = out_dir / "train_split.csv", out_dir / "val_split.csv", out_dir / SPLIT_INFO
-    if _split_is_current(info, train_out, val_out, info_path):
-        return train_out, val_out
-
-    labels = [theme_of.get(n, "") for n in df["image"]] if theme_of is not None else [""] * len(df)
     groups: dict[str, list[int]] = {}
     for i, label in enumerate(labels):
         groups.setdefault(label, []).append(i)
@@ -608,28 +619,92 @@ def make_validation_split(train_csv: str | os.PathLike, out_dir: str | os.PathLi
     for g in sorted(groups):
         members = np.asarray(groups[g])
         val_rows += members[rng.permutation(members.size)[:counts[g]]].tolist()
-    is_val = np.zeros(len(df), dtype=bool)
+    is_val = np.zeros(len(labels), dtype=bool)
     is_val[val_rows] = True
+    return is_val
 
-    raw = _read_csv_text(train_csv)  # write the original cells back unchanged
-    for path, rows in ((train_out, raw[~is_val]), (val_out, raw[is_val])):
-        with atomic_write(path, "w") as f:
-            rows.to_csv(f, index=False, lineterminator="\n")
-    info.update({"train_sha256": sha256_file(train_out), "val_sha256": sha256_file(val_out),
-                 "n_train": int((~is_val).sum()), "n_val": int(is_val.sum()),
-                 "stratified_by_theme": theme_of is not None})
-    atomic_save_json(info, info_path)
+
+def _split_info(train_csv: Path, names: Sequence[str], labels: Sequence[str] | None, fraction: float,
+                seed: int) -> dict:
+    digest = None
+    if labels is not None:
+        h = hashlib.sha256()
+        for name, label in zip(names, labels):
+            h.update(f"{name}\x00{label}\n".encode("utf-8"))
+        digest = h.hexdigest()
+    return {"source_csv": str(train_csv), "source_sha256": sha256_file(train_csv), "fraction": float(fraction),
+            "seed": int(seed), "themes_sha256": digest}
+
+
+def _recorded_split(info_path: Path) -> dict | None:
+    """The split_info.json this project wrote there, or None."""
+    try:
+        old = json.loads(info_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return old if isinstance(old, dict) and {"train_sha256", "val_sha256", "source_sha256"} <= set(old) else None
+
+
+def write_split_record(train_csv: str | os.PathLike, is_val: np.ndarray, out_dir: str | os.PathLike,
+                       info: dict) -> tuple[Path, Path]:
+    """Write the carved split as ``out_dir/train_split.csv`` and ``val_split.csv`` (the training CSV's
+    rows, cells unchanged) with ``split_info.json``, atomically.
+
+    Files already there are only replaced when this project wrote them (split_info.json records
+    their sha256) and never when one is the training CSV itself: DataError naming the file otherwise.
+    Unchanged files are left as they are.
+    """
+    train_csv, out_dir = Path(train_csv), Path(out_dir)
+    train_out, val_out, info_path = out_dir / "train_split.csv", out_dir / "val_split.csv", out_dir / SPLIT_INFO
+    for target in (train_out, val_out, info_path):
+        if target.exists() and os.path.samefile(target, train_csv):
+            raise DataError(f"the training CSV {train_csv} is named like the validation split written into "
+                            f"{out_dir}; it is never overwritten: rename it, or choose another --split_dir")
+    old = _recorded_split(info_path)
+    for target, key in ((train_out, "train_sha256"), (val_out, "val_sha256"), (info_path, None)):
+        if not target.exists():
+            continue
+        if old is None:
+            raise DataError(f"{target} exists and was not written by this project ({SPLIT_INFO} does not record "
+                            f"it), so it is never overwritten: move it, or choose another --split_dir")
+        if key is not None and not (target.is_file() and sha256_file(target) == old[key]):
+            raise DataError(f"{target} was changed after this project wrote it, so it is never overwritten: "
+                            f"move it, or choose another --split_dir")
+    if old is not None and all(old.get(k) == v for k, v in info.items() if k != "source_csv") \
+            and train_out.exists() and val_out.exists():
+        return train_out, val_out
+    raw = _read_csv_text(train_csv)  # the original cells, unchanged
+    try:
+        for path, rows in ((train_out, raw[~is_val]), (val_out, raw[is_val])):
+            with atomic_write(path, "w") as f:
+                rows.to_csv(f, index=False, lineterminator="\n")
+        atomic_save_json({**info, "train_sha256": sha256_file(train_out), "val_sha256": sha256_file(val_out),
+                          "n_train": int((~is_val).sum()), "n_val": int(is_val.sum()),
+                          "stratified_by_theme": info["themes_sha256"] is not None}, info_path)
+    except OSError as exc:
+        raise DataError(f"cannot write the validation split into {out_dir} ({exc.strerror or exc}); "
+                        f"choose another --split_dir") from None
     return train_out, val_out
 
 
-def _split_is_current(info: dict, train_out: Path, val_out: Path, info_path: Path) -> bool:
-    try:
-        old = json.loads(info_path.read_text(encoding="utf-8"))
-        if any(old.get(k) != v for k, v in info.items() if k != "source_csv"):
-            return False
-        return sha256_file(train_out) == old["train_sha256"] and sha256_file(val_out) == old["val_sha256"]
-    except (OSError, ValueError, KeyError, AttributeError):
-        return False
+def make_validation_split(train_csv: str | os.PathLike, out_dir: str | os.PathLike, *, fraction: float = 0.1,
+                          seed: int = 0, themes: Mapping[str, str] | None = None,
+                          score_range: Sequence[float] | None = None) -> tuple[Path, Path]:
+    """Carve a validation split off a training CSV and write it to out_dir (``write_split_record``).
+
+    Deterministic for (CSV content, fraction, seed, themes); stratified by theme (the CSV's theme
+    column, else ``themes``) when there are themes.
+    """
+    train_csv = Path(train_csv)
+    carve_validation([], fraction=fraction, seed=seed)  # the arguments, before reading anything
+    df = read_score_csv(train_csv, score_range)
+    if len(df) < 2:
+        raise DataError(f"CSV {train_csv} has {len(df)} row(s); a validation split needs at least 2")
+    theme_of = dict(zip(df["image"], df["theme"])) if "theme" in df.columns else themes
+    labels = [theme_of.get(n, "") for n in df["image"]] if theme_of is not None else None
+    is_val = carve_validation(labels or [""] * len(df), fraction=fraction, seed=seed)
+    info = _split_info(train_csv, df["image"].tolist(), labels, fraction, seed)
+    return write_split_record(train_csv, is_val, out_dir, info)
 
 
 # --------------------------------------------------------------------------- build_datasets
@@ -640,15 +715,22 @@ def _existing_csv(path: Path, what: str) -> Path:
     return path
 
 
-def resolve_csv_dir(dataset: str, path_to_save_csv: str | os.PathLike | None) -> Path | None:
-    """The CSV folder that build_datasets expects, from ``--path_to_save_csv``; TAD66K also
-    accepts the reference's ``.../merge/`` form (its parent holds ``unmerge/``)."""
-    if not path_to_save_csv:
-        return None
-    folder = Path(path_to_save_csv)
-    if dataset == "tad66k" and (folder / "train.csv").is_file() and (folder.parent / "unmerge").is_dir():
-        return folder.parent
-    return folder
+def tad66k_csv_files(root: str | os.PathLike) -> tuple[Path, Path, tuple[Path, Path] | None]:
+    """(train CSV, test CSV, per-theme CSV folders or None) of a TAD66K-format CSV folder, in either form:
+    ``root/merge/{train,test}.csv`` with ``root/unmerge/{train,test}/<theme>.csv`` (``data/TAD66K``), or
+    the reference's ``root/{train,test}.csv`` (its ``--path_to_save_csv ./dataset/merge/``) with the
+    theme CSVs in ``root/../unmerge/`` or ``root/unmerge/`` when they are there."""
+    root = Path(root)
+    for folder, theme_roots in ((root / "merge", [root / "unmerge"]), (root, [root.parent / "unmerge", root / "unmerge"])):
+        train, test = folder / "train.csv", folder / "test.csv"
+        if train.is_file() and test.is_file():
+            for themes in theme_roots:
+                theme_dirs = (themes / "train", themes / "test")
+                if all(d.is_dir() for d in theme_dirs):
+                    return train, test, theme_dirs
+            return train, test, None
+    raise DataError(f"CSV folder {root} (--path_to_save_csv) holds neither merge/train.csv and merge/test.csv "
+                    f"(the data/TAD66K form) nor train.csv and test.csv (the reference's form)")
 
 
 def build_datasets(name: str, *, variant: str, image_dir: str | os.PathLike | None = None,
@@ -657,12 +739,13 @@ def build_datasets(name: str, *, variant: str, image_dir: str | os.PathLike | No
                    skip_bad: bool = False, train_csv: str | os.PathLike | None = None,
                    val_csv: str | os.PathLike | None = None, test_csv: str | os.PathLike | None = None,
                    split_dir: str | os.PathLike | None = None, allow_outside: bool = False,
-                   demo_options: Mapping[str, Any] | None = None) -> dict[str, Dataset]:
+                   follow_symlinks: bool = False, demo_options: Mapping[str, Any] | None = None) -> dict[str, Dataset]:
     """{"train", "val", "test"} datasets for name "tad66k", "ava", "csv" (your own image,score CSVs)
     or "demo" (generated on first use).
 
-    validation "split": val is a split carved off the training CSV (written to split_dir, default
-    the training CSV's folder), or AVA's val.csv; "test": val is the test split (the reference's protocol).
+    validation "split": val is carved off the training CSV's rows in memory (``carve_validation``;
+    recorded in split_dir by ``write_split_record`` when given), or AVA's val.csv; "test": val is the
+    test split (the reference's protocol). Errors name the user's CSVs and their rows.
     demo_options: keyword arguments of demo_data.ensure_demo_dataset (n_train, n_test, seed, size).
     """
     if name not in ("tad66k", "ava", "csv", "demo"):
@@ -677,7 +760,7 @@ def build_datasets(name: str, *, variant: str, image_dir: str | os.PathLike | No
     if name == "ava":
         return _build_ava(variant=variant, image_dir=image_dir, csv_dir=csv_dir, validation=validation,
                           skip_bad=skip_bad, train_csv=train_csv, val_csv=val_csv, test_csv=test_csv,
-                          allow_outside=allow_outside)
+                          allow_outside=allow_outside, follow_symlinks=follow_symlinks)
 
     themes: dict[str, str] | None = None
     if name == "csv":
@@ -696,43 +779,53 @@ def build_datasets(name: str, *, variant: str, image_dir: str | os.PathLike | No
             root = Path(csv_dir) if csv_dir is not None else DEFAULT_TAD66K_DIR
             if image_dir is None:
                 raise ValueError("dataset 'tad66k' needs image_dir, the folder of the TAD66K images")
-        train_csv = _existing_csv(Path(train_csv) if train_csv is not None else root / "merge" / "train.csv",
-                                  "training")
-        test_csv = _existing_csv(Path(test_csv) if test_csv is not None else root / "merge" / "test.csv", "test")
-        themes = read_theme_csvs(root / "unmerge" / "train", root / "unmerge" / "test")
+        found_train, found_test, theme_dirs = tad66k_csv_files(root)
+        train_csv = _existing_csv(Path(train_csv), "training") if train_csv is not None else found_train
+        test_csv = _existing_csv(Path(test_csv), "test") if test_csv is not None else found_test
+        if theme_dirs is not None:
+            themes = read_theme_csvs(*theme_dirs)
+        else:
+            logger.warning("no per-theme CSVs (unmerge/train, unmerge/test) beside %s: no per-theme metrics, "
+                           "and the validation split is not stratified by theme", train_csv.parent)
 
-    common = dict(themes=themes, score_range=score_range, skip_bad=skip_bad, allow_outside=allow_outside)
+    common = dict(themes=themes, score_range=score_range, skip_bad=skip_bad, allow_outside=allow_outside,
+                  follow_symlinks=follow_symlinks)
+    test = ScoreImageDataset(test_csv, image_dir, train=False, **common)
     if validation == "test":
-        train_path, val_path = train_csv, test_csv
-    elif val_csv is not None:
-        train_path, val_path = train_csv, _existing_csv(Path(val_csv), "validation")
-    else:
-        out = Path(split_dir) if split_dir is not None else train_csv.parent
-        train_path, val_path = make_validation_split(train_csv, out, fraction=val_fraction, seed=seed,
-                                                     themes=themes, score_range=score_range)
-    return {"train": ScoreImageDataset(train_path, image_dir, train=True, **common),
-            "val": ScoreImageDataset(val_path, image_dir, train=False, **common),
-            "test": ScoreImageDataset(test_csv, image_dir, train=False, **common)}
+        return {"train": ScoreImageDataset(train_csv, image_dir, train=True, **common),
+                "val": ScoreImageDataset(test_csv, image_dir, train=False, **common), "test": test}
+    if val_csv is not None:
+        return {"train": ScoreImageDataset(train_csv, image_dir, train=True, **common),
+                "val": ScoreImageDataset(_existing_csv(Path(val_csv), "validation"), image_dir, train=False, **common),
+                "test": test}
+    full = ScoreImageDataset(train_csv, image_dir, train=True, **common)
+    if len(full) < 2:
+        raise DataError(f"CSV {train_csv} has {len(full)} row(s); a validation split needs at least 2")
+    labels = full.themes if full.themed else None
+    is_val = carve_validation(labels or [""] * len(full), fraction=val_fraction, seed=seed)
+    if split_dir is not None:
+        write_split_record(train_csv, is_val, split_dir, _split_info(train_csv, full.names, labels, val_fraction, seed))
+    return {"train": full.subset(~is_val), "val": full.subset(is_val, train=False), "test": test}
 
 
 def _build_ava(*, variant: str, image_dir: str | os.PathLike | None, csv_dir: str | os.PathLike | None,
                validation: str, skip_bad: bool, train_csv: str | os.PathLike | None,
                val_csv: str | os.PathLike | None, test_csv: str | os.PathLike | None,
-               allow_outside: bool) -> dict[str, Dataset]:
+               allow_outside: bool, follow_symlinks: bool) -> dict[str, Dataset]:
     if image_dir is None:
         raise ValueError("dataset 'ava' needs image_dir, the folder of the AVA <image_id>.jpg files")
     root = Path(csv_dir) if csv_dir is not None else DEFAULT_AVA_DIR
     train_path = Path(train_csv) if train_csv is not None else root / "train.csv"
     if not train_path.is_file():
-        raise DataError(f"AVA training CSV {train_path} not found: the reference's AVA training CSV is not "
-                        f"public; build it from AVA.txt with `python tools/make_ava_splits.py --ava_txt "
-                        f"/path/to/AVA.txt --out_dir {root}` (or pass train_csv)")
+        raise DataError(f"AVA training CSV {train_path} not found: put the reference's train.csv there (the "
+                        f"authors' repository holds it as code/AVA/dataset/train.csv), or build one from AVA.txt "
+                        f"with `python tools/make_ava_splits.py --ava_txt /path/to/AVA.txt --out_dir {root}`")
     test_path = _existing_csv(Path(test_csv) if test_csv is not None else root / "test.csv", "AVA test")
     if validation == "test":
         val_path = test_path
     else:
         val_path = _existing_csv(Path(val_csv) if val_csv is not None else root / "val.csv", "AVA validation")
-    common = dict(variant=variant, skip_bad=skip_bad, allow_outside=allow_outside)
+    common = dict(variant=variant, skip_bad=skip_bad, allow_outside=allow_outside, follow_symlinks=follow_symlinks)
     return {"train": AVADataset(train_path, image_dir, train=True, **common),
             "val": AVADataset(val_path, image_dir, train=False, **common),
             "test": AVADataset(test_path, image_dir, train=False, **common)}

@@ -12,8 +12,8 @@ import re
 import sys
 
 import requests
-from tqdm import tqdm
 
+from console import progress as progress_bar
 from safe_io import atomic_write, first_line
 
 PathLike = str | os.PathLike
@@ -54,9 +54,9 @@ def download(url: str, dest: PathLike, *, sha256: str | None = None, timeout: fl
             identity = resp.headers.get("Content-Encoding", "identity").lower() in ("", "identity")
             total = int(length) if length and length.isdigit() and identity else None
             received = 0
-            with atomic_write(target, "wb") as f, tqdm(
-                    total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=target.name,
-                    file=sys.stderr, disable=not progress) as bar:
+            with atomic_write(target, "wb") as f, progress_bar(
+                    total=total, unit="B", desc=target.name, enabled=progress, unit_scale=True,
+                    unit_divisor=1024) as bar:
                 for chunk in resp.iter_content(chunk_size=chunk_size):
                     f.write(chunk)
                     digest.update(chunk)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -12,10 +11,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm import tqdm
 
 from cache import augment_batch
-from util import distribution_mean, emd_loss, emd_loss_reference, evaluation_metrics
+from console import progress as progress_bar
+from models import conv_fusion_available, fold_batchnorm, fuse_conv_activations
+from presets import metric_scores, scores_1_to_10
+from util import emd_loss, emd_loss_reference, evaluation_metrics
 
 
 class NonFiniteError(FloatingPointError):
@@ -90,10 +91,6 @@ class ShardedBatches(Sampler[list[int]]):
         return len(self.batches)
 
 
-def default_workers() -> int:
-    return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-
-
 def make_loader(
     dataset: Dataset,
     *,
@@ -165,7 +162,7 @@ def train_one_epoch(
     ``before_step(i)`` runs before the optimiser's i-th step (a learning-rate schedule)."""
     model.train()
     total, count = 0.0, 0
-    bar = tqdm(loader, desc=f"train {epoch}", disable=not progress, leave=False, dynamic_ncols=True)
+    bar = progress_bar(loader, desc=f"train {epoch}", unit="batch", enabled=progress)
     for step, batch in enumerate(bar):
         if batch is None:  # every image of the batch was skipped as undecodable
             continue
@@ -201,6 +198,25 @@ def train_one_epoch(
 
 # --- evaluation -------------------------------------------------------------------------------
 
+def fuses_conv(fuse_conv: bool, device: torch.device, amp: str) -> bool:
+    """Whether ``--fuse_conv`` takes effect: on a CPU whose oneDNN runs fused convolutions in the
+    precision of ``amp`` (bfloat16 needs AVX-512)."""
+    return bool(fuse_conv) and device.type == "cpu" and conv_fusion_available(amp_dtype(amp))
+
+
+def evaluation_model(model: nn.Module, device: torch.device, *, fold_bn: bool = False, fuse_conv: bool = False,
+                     amp: str = "none", channels_last: bool = False) -> nn.Module:
+    """The model as evaluation runs it. With ``fold_bn``, an inference copy with every BatchNorm folded
+    into its convolution (of a compiled model, an eager copy), whose convolutions also run fused with
+    their activations when ``fuses_conv`` says so; else the model itself."""
+    if not fold_bn:
+        return model
+    copy = fold_batchnorm(getattr(model, "_orig_mod", model))
+    if fuses_conv(fuse_conv, device, amp):
+        copy = fuse_conv_activations(copy, amp_dtype(amp))
+    return copy.to(memory_format=torch.channels_last) if channels_last else copy
+
+
 @dataclass
 class Predictions:
     """Everything one evaluation pass produced, in dataset order."""
@@ -226,10 +242,11 @@ class Predictions:
 
     def scores(self, variant: str) -> tuple[np.ndarray, np.ndarray]:
         """Predicted and true scores on the scale the metrics use: 0..1 (tad66k) or 1..10 (ava)."""
-        out, tgt = np.stack(self.output), np.stack(self.target)
-        if variant == "tad66k":
-            return out[:, 0], tgt[:, 0]
-        return distribution_mean(out), distribution_mean(tgt)
+        return metric_scores(np.stack(self.output), variant), metric_scores(np.stack(self.target), variant)
+
+    def scores_1_to_10(self, variant: str) -> tuple[np.ndarray, np.ndarray]:
+        """Predicted and true scores on 1..10."""
+        return scores_1_to_10(np.stack(self.output), variant), scores_1_to_10(np.stack(self.target), variant)
 
     def metrics(self, variant: str, per_theme: bool = True) -> dict:
         """SRCC, PLCC, accuracy, MSE (0..1 scale for tad66k), EMD (ava), loss, and per theme when asked."""
@@ -244,7 +261,7 @@ class Predictions:
 
 
 @torch.no_grad()
-def predict(
+def infer(
     model: nn.Module,
     loader: Iterable,
     device: torch.device,
@@ -258,7 +275,7 @@ def predict(
     """Run ``model`` in eval mode over ``loader`` and collect outputs, targets and the loss."""
     model.eval()
     result = Predictions()
-    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+    for batch in progress_bar(loader, desc=desc, unit="batch", enabled=progress):
         if batch is None:
             continue
         images = prepare_images(batch["image"], device, train=False, channels_last=channels_last)

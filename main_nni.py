@@ -3,11 +3,10 @@ as a plain script, on one process or several (``torchrun``)."""
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import logging
 import math
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -17,44 +16,50 @@ import torch.distributed as dist
 from tensorboardX import SummaryWriter
 
 import option
-from cache import CachedDataset
-from dataset import DataError, build_datasets, check_images_exist, collate_skip_none, resolve_csv_dir
+from console import SafeFormatter, one_line
+from dataset import DataError, collate_skip_none
+from run_data import build_run_datasets
 from engine import (
     NonFiniteError,
     Predictions,
-    amp_dtype,
     default_loss,
-    default_workers,
     gather_predictions,
     is_better,
     make_criterion,
     make_loader,
-    predict,
+    evaluation_model,
+    fuses_conv,
+    infer,
     train_one_epoch,
 )
 from models import (
     PARAM_GROUPS,
     TANet,
-    conv_fusion_available,
-    fold_batchnorm,
-    fuse_conv_activations,
     load_mobilenet_v2,
     load_places365_resnet18,
-    load_tanet_weights,
+    load_tanet,
     lr_factor,
     parameter_groups,
     resolve_weights,
     scale_learning_rates,
 )
-from reporting import PREDICTION_COLUMNS, ReportError, write_report
+from report import PREDICTIONS_CSV, ReportError, write_predictions, write_report
 from download import DownloadError
 from runlock import RunLock, RunLockedError
-from runtime import capture_rng_state, resolve_device, restore_rng_state, seed_everything, tune_cpu_allocator
+from runtime import (
+    default_loader_workers,
+    capture_rng_state,
+    cpu_has_native_bf16,
+    resolve_amp,
+    resolve_device,
+    restore_rng_state,
+    seed_everything,
+    tune_cpu_allocator,
+)
 from safe_io import (
     CheckpointError,
     atomic_save_json,
     atomic_torch_save,
-    atomic_write,
     remove_stale_temp_files,
     safe_torch_load,
 )
@@ -133,49 +138,48 @@ def setup_logging(out: Path | None) -> None:
     log.setLevel(logging.INFO)
     log.handlers.clear()
     log.propagate = False
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    fmt = SafeFormatter("%(asctime)s %(message)s", "%H:%M:%S")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if out is not None:
         handlers.append(logging.FileHandler(out / "train.log", encoding="utf-8", errors="backslashreplace"))
     for h in handlers:
         h.setFormatter(fmt)
         log.addHandler(h)
-    logging.getLogger("dataset").handlers = handlers
+    for name in ("dataset", "image_check", "cache", "demo_data"):
+        logging.getLogger(name).handlers = handlers
 
 
-def load_data(args: argparse.Namespace, out: Path | None) -> dict:
-    sets = build_datasets(
-        args.dataset, variant=args.variant, image_dir=args.path_to_images,
-        csv_dir=resolve_csv_dir(args.dataset, args.path_to_save_csv),
-        validation=args.validation, val_fraction=args.val_fraction, seed=args.split_seed,
-        score_range=tuple(args.score_range), skip_bad=args.skip_bad, train_csv=args.train_csv,
-        val_csv=args.val_csv, test_csv=args.test_csv,
-        demo_options={"n_train": args.demo_images[0], "n_test": args.demo_images[1], "seed": 0},
-    )
-    for split, ds in sets.items():
-        if args.max_images is not None and len(ds) > args.max_images:
-            ds.keep([i < args.max_images for i in range(len(ds))])
-        missing_log = out / f"missing_images_{split}.txt" if out is not None else None
-        check_images_exist(ds, skip_missing=args.skip_missing, missing_log=missing_log)
-    if args.cache_dir:  # images from tools/prepare_cache.py's cache; refused if stale (a DataError)
-        sets = {split: CachedDataset(ds, Path(args.cache_dir) / split) for split, ds in sets.items()}
+def load_data(args: argparse.Namespace, out: Path, is_main: bool, world: int) -> dict:
+    """The splits; rank 0 records the carved validation split, lists skipped images and checks the
+    images first (the other ranks then find its results in the check cache)."""
+    if world > 1 and not is_main:
+        dist.barrier()
+    splits = ("test",) if args.test_only else ("train", "val", "test")
+    split_dir = (Path(args.split_dir) if args.split_dir else out / "split") if is_main else None
+    sets = build_run_datasets(args, splits=splits, split_dir=split_dir, log_dir=out if is_main else None,
+                              progress=not args.quiet and is_main)
+    if world > 1 and is_main:
+        dist.barrier()
+    if args.cache_dir:
         log.info("images: cache %s", args.cache_dir)
     return sets
 
 
 def build_model(args: argparse.Namespace, device: torch.device, weights: Path | None) -> TANet:
     """TANet with the weights of ``weights`` (a TANet checkpoint), else the backbones of ``--backbones``."""
-    model = TANet(args.variant, theme_fusion=args.theme_fusion)
     unsafe = args.allow_unsafe_load
     if weights is not None:
-        load_tanet_weights(model, weights, allow_unsafe=unsafe)
+        model, _ = load_tanet(weights, variant=args.variant, theme_fusion=args.theme_fusion, allow_unsafe=unsafe,
+                              model_class=TANet)
         log.info("weights: %s", weights)
     elif args.backbones == "pretrained":
+        model = TANet(args.variant, theme_fusion=args.theme_fusion)
         kw = {"directory": args.checkpoints_dir, "download_missing": args.download}
         load_places365_resnet18(model, resolve_weights("resnet18_places365.pth.tar", **kw), allow_unsafe=unsafe)
         load_mobilenet_v2(model, resolve_weights("mobilenetv2.pth.tar", **kw), allow_unsafe=unsafe)
         log.info("backbones: Places365 ResNet-18 and ImageNet MobileNetV2")
     else:
+        model = TANet(args.variant, theme_fusion=args.theme_fusion)
         log.info("backbones: random initialisation")
     model.freeze_theme_backbone()
     model.to(device)
@@ -186,22 +190,10 @@ def build_model(args: argparse.Namespace, device: torch.device, weights: Path | 
 
 # --- outputs ----------------------------------------------------------------------------------
 
-def write_predictions(preds: Predictions, variant: str, path: Path) -> None:
-    """One row per image: image, theme, true and predicted score on the 1..10 scale."""
-    pred, true = preds.scores(variant)
-    scale = 10.0 if variant == "tad66k" else 1.0
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(PREDICTION_COLUMNS)
-    for p, t, tr, pr in zip(preds.path, preds.theme, true, pred):
-        writer.writerow([Path(p).name, t, f"{tr * scale:.6f}", f"{pr * scale:.6f}"])
-    with atomic_write(path, "w") as f:
-        f.write(buf.getvalue())
-
-
-def fuses_conv(args: argparse.Namespace, device: torch.device) -> bool:
-    """Whether evaluation fuses convolutions with their activations (``--fuse_conv``: CPU and oneDNN only)."""
-    return bool(args.fuse_conv) and device.type == "cpu" and conv_fusion_available()
+def save_predictions(preds: Predictions, variant: str, path: Path) -> None:
+    """The test predictions as ``test_predictions.csv`` (scores on 1..10)."""
+    pred, true = preds.scores_1_to_10(variant)
+    write_predictions(path, preds.path, preds.theme, true, pred)
 
 
 def evaluate(model, dataset, args, device, criterion, rank, world, desc) -> Predictions:
@@ -211,17 +203,13 @@ def evaluate(model, dataset, args, device, criterion, rank, world, desc) -> Pred
         for buffer in model.module.buffers():
             dist.broadcast(buffer, 0)
         model = model.module
-    if args.fold_bn:  # an inference copy; a compiled model's folded copy runs eagerly
-        model = fold_batchnorm(getattr(model, "_orig_mod", model))
-        if fuses_conv(args, device):
-            model = fuse_conv_activations(model, amp_dtype(args.amp))
-        if args.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+    model = evaluation_model(model, device, fold_bn=args.fold_bn, fuse_conv=args.fuse_conv, amp=args.amp,
+                             channels_last=args.channels_last)
     loader = make_loader(
         dataset, batch_size=args.eval_batch_size, train=False, num_workers=args.num_workers, device=device,
         rank=rank, world_size=world, collate_fn=collate_skip_none,
     )
-    part = predict(model, loader, device, criterion=criterion, amp=args.amp, channels_last=args.channels_last,
+    part = infer(model, loader, device, criterion=criterion, amp=args.amp, channels_last=args.channels_last,
                    progress=not args.quiet and rank == 0, desc=desc)
     return gather_predictions(part, world)
 
@@ -234,12 +222,27 @@ def timed_evaluate(model, dataset, args, device, criterion, rank, world) -> tupl
     return preds, {"test_seconds": round(seconds, 3), "test_images_per_s": round(len(preds.path) / seconds, 1)}
 
 
-def final_results(preds: Predictions, args, split: str, checkpoint: str, extra: dict) -> dict:
+def final_results(preds: Predictions, args, device: torch.device, split: str, checkpoint: str, extra: dict) -> dict:
     metrics = preds.metrics(args.variant)
     if args.variant == "tad66k":
         metrics.pop("emd", None)
     return {**metrics, "split": split, "checkpoint": checkpoint, "dataset": args.dataset, "variant": args.variant,
-            "theme_fusion": args.theme_fusion, "eval_batch_size": args.eval_batch_size, **extra}
+            "theme_fusion": args.theme_fusion, "eval_batch_size": args.eval_batch_size,
+            "evaluation": evaluation_path(args, device), **extra}
+
+
+def evaluation_path(args: argparse.Namespace, device: torch.device) -> dict:
+    """How evaluation computed the test predictions (the report runs the same path)."""
+    return {"device": str(device), "amp": args.amp, "fold_bn": bool(args.fold_bn), "channels_last": bool(args.channels_last),
+            "fuse_conv": bool(args.fold_bn) and fuses_conv(args.fuse_conv, device, args.amp)}
+
+
+def log_precision(args: argparse.Namespace, device: torch.device) -> None:
+    """Say which precision runs (``--amp auto`` is already resolved) and warn where bf16 is emulated."""
+    emulated = args.amp == "bf16" and device.type == "cpu" and not cpu_has_native_bf16()
+    log.info("precision: %s%s", "float32" if args.amp == "none" else args.amp,
+             " (emulated on this CPU, which has no bfloat16 instructions: about 10x slower than float32; "
+             "use --amp none)" if emulated else "")
 
 
 def make_report(out: Path, args: argparse.Namespace, device: torch.device, checkpoint: str | None) -> None:
@@ -278,6 +281,20 @@ def save_run_checkpoint(path: Path, model, optimizer, scaler, state: dict, args,
     }, path)
 
 
+def read_resume_checkpoint(path: Path, out: Path) -> dict:
+    """The training checkpoint to resume from; CheckpointError saying what to do when it is unusable."""
+    other = "--resume_from best" if path.name == "last.pth" else "--resume_from last"
+    hint = (f"resume from the other checkpoint with --resume {other}, or start again in a new folder with "
+            f"--experiment_dir_name {free_folder(out, '-2')}")
+    try:
+        ckpt = safe_torch_load(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}; {hint}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a training checkpoint of this project; {hint}")
+    return ckpt
+
+
 def all_rng_states(world: int) -> list:
     mine = capture_rng_state()
     if world == 1:
@@ -289,29 +306,66 @@ def all_rng_states(world: int) -> list:
 
 # --- the run ----------------------------------------------------------------------------------
 
-def run(args: argparse.Namespace, rank: int, world: int, device: torch.device, out: Path) -> dict:
+RUN_OUTPUTS = ("last.pth", "best.pth", "results.json", "test_predictions.csv")  # what makes a folder hold a run
+
+
+def free_folder(out: Path, suffix: str) -> Path:
+    """``out`` + ``suffix`` (+ a number) that does not exist yet."""
+    candidate, n = Path(f"{out}{suffix}"), 2
+    while candidate.exists():
+        candidate, n = Path(f"{out}{suffix}{n}"), n + 1
+    return candidate
+
+
+def check_run_folder(args: argparse.Namespace, out: Path) -> None:
+    """Refuse (RunLockedError) to write into a folder that holds a run's outputs, unless this run
+    continues it with ``--resume`` from a checkpoint that is there."""
+    held = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    if not held:
+        return
+    what = f"{out} already holds a run ({', '.join(held)})"
+    if args.test_only:
+        raise RunLockedError(f"{what}, which --test_only would overwrite; write the evaluation into another "
+                             f"folder, e.g. --experiment_dir_name {free_folder(out, '-test')}")
+    if not args.resume:
+        raise RunLockedError(f"{what}: pass --resume to continue it, or choose another folder, e.g. "
+                             f"--experiment_dir_name {free_folder(out, '-2')}")
+    if not (out / f"{args.resume_from}.pth").is_file():
+        raise RunLockedError(f"{what} but no {args.resume_from}.pth to resume from (a finished evaluation, or a "
+                             f"run of 0 epochs); choose another folder, e.g. --experiment_dir_name "
+                             f"{free_folder(out, '-2')}")
+
+
+def run(args: argparse.Namespace, rank: int, world: int, device: torch.device, out: Path,
+        status: dict | None = None) -> dict:
+    """Train (or, with ``--test_only``, evaluate) and write the run's outputs; ``status["phase"]`` says
+    where it is (for the message of an interrupted run)."""
+    status = {} if status is None else status
     seed_everything(args.seed + rank)
     if args.num_workers is None:
-        args.num_workers = default_workers()
+        args.num_workers = default_loader_workers()
     is_main = rank == 0
-    data = load_data(args, out if is_main else None)
+    status["phase"] = "loading the data"
+    data = load_data(args, out, is_main, world)
     log.info("data: %s", ", ".join(f"{k} {len(v)}" for k, v in data.items()))
     weights = None
     if args.path_to_model_weight:
         weights = resolve_weights(args.path_to_model_weight, directory=args.checkpoints_dir,
                                   download_missing=args.download)
     model = build_model(args, device, weights)
-    if args.fold_bn and args.fuse_conv and not fuses_conv(args, device):
-        log.info("--fuse_conv: not used on %s (a CPU path that needs oneDNN)", device)
+    if args.fold_bn and args.fuse_conv and not fuses_conv(args.fuse_conv, device, args.amp):
+        log.info("--fuse_conv: not used on %s in %s (a CPU path that needs oneDNN, and for bf16 AVX-512)",
+                 device, args.amp)
     loss_name = default_loss(args.variant) if args.loss == "auto" else args.loss
     criterion = make_criterion(loss_name)
     report_criterion = make_criterion("mse") if args.variant == "tad66k" else make_criterion("emd_reference")
 
     if args.test_only:
+        status["phase"] = "the test"
         preds, timing = timed_evaluate(model, data["test"], args, device, report_criterion, rank, world)
-        results = final_results(preds, args, "test", str(weights), timing)
+        results = final_results(preds, args, device, "test", str(weights), timing)
         if is_main:
-            write_predictions(preds, args.variant, out / "test_predictions.csv")
+            save_predictions(preds, args.variant, out / PREDICTIONS_CSV)
             atomic_save_json(results, out / "results.json")
             make_report(out, args, device, str(weights))
         log.info("test: %s (%d images)", summary(results), results["n_images"])
@@ -330,25 +384,22 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device, o
 
     state = {"epoch": 0, "best_metric": None, "best_epoch": None, "history": []}
     last, best = out / "last.pth", out / "best.pth"
-    if args.resume and last.is_file():
-        ckpt = safe_torch_load(last)
-        if ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{last} is not a training checkpoint of this project")
+    start = out / f"{args.resume_from}.pth"
+    if args.resume and start.is_file():
+        ckpt = read_resume_checkpoint(start, out)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         restore_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
         state = {k: ckpt[k] for k in state}
-        log.info("resumed from %s after epoch %d", last, state["epoch"])
+        log.info("resumed from %s after epoch %d", start, state["epoch"])
     elif args.resume:
         log.info("nothing to resume in %s: starting a new run", out)
-    elif last.is_file():
-        raise RunLockedError(f"{out} already holds a run (last.pth): pass --resume to continue it, "
-                             f"or choose another --experiment_dir_name")
 
     writer = SummaryWriter(str(out / "logs")) if is_main else None
     for epoch in range(state["epoch"], args.num_epoch):
+        status["phase"] = f"epoch {epoch + 1} of {args.num_epoch}"
         loader = make_loader(data["train"], batch_size=args.batch_size, train=True, num_workers=args.num_workers,
                              device=device, seed=args.seed, epoch=epoch, rank=rank, world_size=world,
                              collate_fn=collate_skip_none)
@@ -398,13 +449,14 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device, o
         checkpoint = str(best)
     else:  # no epoch, or no finite validation metric: test the last weights
         checkpoint = str(last) if last.is_file() else "initial weights"
+    status["phase"] = "the test"
     preds, timing = timed_evaluate(net, data["test"], args, device, report_criterion, rank, world)
-    results = final_results(preds, args, "test", checkpoint, {**timing,
+    results = final_results(preds, args, device, "test", checkpoint, {**timing,
         "best_epoch": state["best_epoch"], "selection": f"{args.metric} on {'test' if args.validation == 'test' else 'val'}",
         "best_val_metric": state["best_metric"], "history": state["history"],
     })
     if is_main:
-        write_predictions(preds, args.variant, out / "test_predictions.csv")
+        save_predictions(preds, args.variant, out / PREDICTIONS_CSV)
         atomic_save_json(results, out / "results.json")
         log.info("test (best epoch %s): %s (%d images)", state["best_epoch"], summary(results), results["n_images"])
         if in_experiment():
@@ -418,39 +470,73 @@ def _finite(x: float) -> float:
     return x if not math.isnan(x) else 0.0  # NNI's tuners cannot take NaN; the results file keeps it
 
 
-def one_line(exc: BaseException) -> str:
-    """The error message on one line; for an error re-raised from a DataLoader worker (its message
-    holds the worker's traceback), the original message."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
-    if len(lines) > 1 and lines[0].startswith("Caught ") and lines[1].startswith("Original Traceback"):
-        return lines[-1].split(": ", 1)[-1]
-    return " ".join(lines)
+def lock_run_folder(out: Path, option_given: bool) -> RunLock:
+    """Create (if needed) and lock the run folder; an error naming the option and the path if it cannot be."""
+    lock = RunLock(out)
+    name = "--experiment_dir_name " if option_given else ""
+    try:
+        return lock.acquire()
+    except FileExistsError:
+        raise RunLockedError(f"{name}{out}: a file of that name exists, not a folder; choose another folder") from None
+    except OSError as exc:
+        raise RunLockedError(f"{name}{out}: cannot create or write the run folder ({exc.strerror or exc}); "
+                             f"choose a folder you can write to") from None
+
+
+def resume_command(argv: list[str], out: Path) -> str:
+    """The command line that continues this run: the same options, its folder, and --resume."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--experiment_dir_name":
+            skip = True
+        elif not (arg == "--resume" or arg.startswith("--experiment_dir_name=")):
+            kept.append(arg)
+    return shlex.join(["python", "main_nni.py", *kept, "--experiment_dir_name", str(out), "--resume"])
+
+
+def interrupted(args: argparse.Namespace, argv: list[str], out: Path, status: dict) -> str:
+    """The one line that says where a run stopped on Ctrl-C, and how to continue it."""
+    where = f"interrupted during {status.get('phase', 'start-up')}"
+    if args.test_only:
+        return f"{where}; nothing was written: run the same command again"
+    saved = [name for name in ("last.pth", "best.pth") if (out / name).is_file()]
+    if not saved:
+        return f"{where}, before the first epoch ended; nothing to resume: run the same command again"
+    return f"{where}; continue from the last finished epoch with: {resume_command(argv, out)}"
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = parse_options(argv)
         rank, world, device = distributed_setup(args)
+        args.amp = resolve_amp(args.amp, device)
     except ValueError as exc:
         print(f"main_nni.py: error: {exc}", file=sys.stderr)
         return 2
     out = output_dir(args)
+    status: dict = {}
     try:
         setup_logging(None)  # stderr only: the folder may be another run's until the lock is ours
-        lock = RunLock(out) if rank == 0 else None
-        if lock is not None:
-            lock.acquire()  # creates the folder
+        lock = lock_run_folder(out, bool(args.experiment_dir_name)) if rank == 0 else None
         try:
+            check_run_folder(args, out)  # before anything is written there, train.log included
             setup_logging(out if rank == 0 else None)
             tuned = args.allocator == "tuned" and device.type == "cpu" and tune_cpu_allocator()
             log.info("device %s, %d process(es), output %s%s", device, world, out,
                      ", memory allocator tuned" if tuned else "")
+            log_precision(args, device)
             for stale in remove_stale_temp_files(out) if rank == 0 else []:
                 log.info("removed %s, a partial file left by an interrupted run", stale.name)
-            run(args, rank, world, device, out)
+            run(args, rank, world, device, out, status)
         finally:
             if lock is not None:
                 lock.release()
+    except KeyboardInterrupt:
+        log.error("%s", interrupted(args, argv, out, status))
+        return 130
     except (DataError, CheckpointError, RunLockedError, NonFiniteError, OSError, ValueError,
             DownloadError) as exc:
         log.error("error: %s", one_line(exc))

@@ -37,7 +37,7 @@ DATASET_DEFAULTS: dict[str, dict[str, object]] = {
         "num_epoch": 4,
         "backbones": "random",
         "channels_last": True,
-        "amp": "bf16",
+        "amp": "auto",
         "fold_bn": True,
         "fuse_conv": True,
         **{k: 1e-3 for k in LR_OPTIONS},
@@ -46,15 +46,55 @@ DATASET_DEFAULTS: dict[str, dict[str, object]] = {
 }
 
 
+CHECK_IMAGES = ("decode", "exists", "none")
+
+
+def add_data_options(p: argparse.ArgumentParser) -> None:
+    """The options that say which images and CSVs a run uses (shared by every script that builds the
+    splits: main_nni.py, tools/prepare_cache.py)."""
+    p.add_argument("--dataset", choices=DATASETS, default="demo", help="which data to train and test on")
+    p.add_argument("--variant", choices=VARIANT_NAMES, default=None,
+                   help="model variant (default: ava for --dataset ava, else tad66k)")
+    p.add_argument("--path_to_images", type=str, default=None, help="folder of the dataset's images")
+    p.add_argument("--path_to_save_csv", type=str, default=None,
+                   help="folder of the split CSVs: merge/{train,test}.csv as in data/TAD66K, or the reference's "
+                        "train.csv and test.csv (default: the dataset's folder under data/)")
+    p.add_argument("--validation", choices=("split", "test"), default="split",
+                   help="split: select the best epoch on a validation split carved from train; "
+                        "test: the reference protocol (select on the test split)")
+    p.add_argument("--val_fraction", type=float, default=0.1, help="share of train carved out for validation")
+    p.add_argument("--split_seed", type=int, default=0,
+                   help="seed of the validation split (kept apart from --seed so every run shares one split)")
+    p.add_argument("--split_dir", type=str, default=None,
+                   help="where the carved validation split is recorded as train_split.csv, val_split.csv and "
+                        "split_info.json (default: the run folder's split/)")
+    p.add_argument("--max_images", type=int, default=None,
+                   help="use only the first N images of each split (smoke tests)")
+    data = p.add_argument_group("data")
+    data.add_argument("--train_csv", type=str, default=None, help="--dataset csv: training CSV (image,score[,theme])")
+    data.add_argument("--val_csv", type=str, default=None, help="--dataset csv: validation CSV (default: carved)")
+    data.add_argument("--test_csv", type=str, default=None, help="--dataset csv: test CSV")
+    data.add_argument("--score_range", type=float, nargs=2, default=(1.0, 10.0), metavar=("LO", "HI"),
+                      help="--dataset csv: range of the CSV scores, mapped onto 1..10")
+    data.add_argument("--check_images", choices=CHECK_IMAGES, default="decode",
+                      help="before training, check that every image of every split decodes (on every core; "
+                           "remembered per file, so a second run is instant), or only that it exists, or nothing")
+    data.add_argument("--skip_missing", action="store_true",
+                      help="drop images missing from --path_to_images (listed in missing_images_<split>.txt)")
+    data.add_argument("--skip_bad", action="store_true",
+                      help="drop (and list in bad_images_<split>.txt) images that cannot be decoded")
+    data.add_argument("--follow_symlinks", action="store_true",
+                      help="accept images that are symbolic links to files outside --path_to_images")
+    data.add_argument("--demo_images", type=int, nargs=2, default=(2200, 320), metavar=("TRAIN", "TEST"),
+                      help="--dataset demo: how many training and test images to generate")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Train or evaluate TANet (plain script or NNI trial).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     ref = p.add_argument_group("reference options")
-    ref.add_argument("--path_to_images", type=str, default=None, help="folder of the dataset's images")
-    ref.add_argument("--path_to_save_csv", type=str, default=None,
-                     help="folder of the split CSVs (default: the dataset's folder under data/)")
     ref.add_argument("--experiment_dir_name", type=str, default=None,
                      help="output folder of the run (default: runs/<dataset>-<time>; under NNI: the trial's folder)")
     ref.add_argument("--path_to_model_weight", type=str, default=None,
@@ -67,9 +107,6 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--gpu_id", type=str, default="0", help="CUDA device index used when --device is auto or cuda")
 
     run = p.add_argument_group("run")
-    run.add_argument("--dataset", choices=DATASETS, default="demo", help="which data to train and test on")
-    run.add_argument("--variant", choices=VARIANT_NAMES, default=None,
-                     help="model variant (default: ava for --dataset ava, else tad66k)")
     run.add_argument("--device", type=str, default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     run.add_argument("--seed", type=int, default=0, help="seed of every random number generator")
     run.add_argument("--theme_fusion", choices=("batch", "isolated"), default="batch",
@@ -78,12 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="under torchrun: auto (NCCL on GPUs, gloo on the CPU); gloo lets processes share a GPU")
     run.add_argument("--test_only", action="store_true", help="evaluate --path_to_model_weight on the test split")
     run.add_argument("--resume", action="store_true", help="continue the run in --experiment_dir_name")
-    run.add_argument("--validation", choices=("split", "test"), default="split",
-                     help="split: select the best epoch on a validation split carved from train; "
-                          "test: the reference protocol (select on the test split)")
-    run.add_argument("--val_fraction", type=float, default=0.1, help="share of train carved out for validation")
-    run.add_argument("--split_seed", type=int, default=0,
-                     help="seed of the validation split (kept apart from --seed so every run shares one split)")
+    run.add_argument("--resume_from", choices=("last", "best"), default="last",
+                     help="with --resume: the checkpoint to continue from, last.pth (the last epoch) or best.pth "
+                          "(the best epoch; its later epochs are run again)")
     run.add_argument("--metric", choices=SELECTION_METRICS, default="srcc",
                      help="validation metric that selects the best epoch and is NNI's 'default' "
                           "(the reference used accuracy)")
@@ -95,23 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "towards 0 over the run, step by step (default: per dataset)")
     run.add_argument("--eval_batch_size", type=int, default=None,
                      help="evaluation batch size (default: --batch_size, as the reference)")
-    run.add_argument("--max_images", type=int, default=None,
-                     help="use only the first N images of each split (smoke tests)")
 
-    data = p.add_argument_group("data")
-    data.add_argument("--train_csv", type=str, default=None, help="--dataset csv: training CSV (image,score[,theme])")
-    data.add_argument("--val_csv", type=str, default=None, help="--dataset csv: validation CSV (default: carved)")
-    data.add_argument("--test_csv", type=str, default=None, help="--dataset csv: test CSV")
-    data.add_argument("--score_range", type=float, nargs=2, default=(1.0, 10.0), metavar=("LO", "HI"),
-                      help="--dataset csv: range of the CSV scores, mapped onto 1..10")
-    data.add_argument("--skip_missing", action="store_true",
-                      help="drop images missing from --path_to_images (listed in missing_images.txt)")
-    data.add_argument("--skip_bad", action="store_true", help="skip (and log) images that cannot be decoded")
-    data.add_argument("--demo_images", type=int, nargs=2, default=(2200, 320), metavar=("TRAIN", "TEST"),
-                      help="--dataset demo: how many training and test images to generate")
-    data.add_argument("--cache_dir", type=str, default=None,
-                      help="read the images from this prepared-dataset cache (built by tools/prepare_cache.py "
-                           "with the same data options; see README, Speed)")
+    add_data_options(p)
 
     weights = p.add_argument_group("weights")
     weights.add_argument("--backbones", choices=("pretrained", "random"), default=None,
@@ -124,8 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="allow weight files that need full unpickling (can run code: trusted files only)")
 
     speed = p.add_argument_group("speed")
-    speed.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None,
-                       help="autocast precision (fp16: CUDA only, with a gradient scaler; default: bf16 for the demo, else none)")
+    speed.add_argument("--cache_dir", type=str, default=None,
+                       help="read the images from this prepared-dataset cache (built by tools/prepare_cache.py "
+                            "with the same data options; see README, Speed)")
+    speed.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default=None,
+                       help="autocast precision: auto (bf16 on a GPU or a CPU with bfloat16 instructions, else none), "
+                            "none (float32), bf16, fp16 (CUDA only, with a gradient scaler); default: auto for the "
+                            "demo, else none")
     speed.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
                        help="channels-last memory format (same numbers; default: on for the demo, off otherwise)")
     speed.add_argument("--compile", action="store_true", help="torch.compile the model")

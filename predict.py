@@ -10,10 +10,12 @@ import argparse
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from console import one_line, safe_text
 from scoring import (
     AMP_MODES,
     NO_WEIGHTS_HELP,
@@ -23,13 +25,11 @@ from scoring import (
     ScoringWarning,
     check_output_path,
     collect_images,
-    default_num_workers,
-    printable_name,
     rank_results,
     write_results,
 )
 from download import DownloadError
-from runtime import ALLOCATORS, tune_cpu_allocator
+from runtime import ALLOCATORS, default_loader_workers, tune_cpu_allocator
 
 PROG = "predict.py"
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--recursive", action="store_true", help="also score the images in subfolders of a folder")
     i.add_argument("--path_to_images", default=None,
                    help="folder that relative paths in .txt / .csv lists are relative to (default: the list's folder)")
+    i.add_argument("--follow_symlinks", action="store_true",
+                   help="score images in a folder that are symbolic links to files outside it")
     o = p.add_argument_group("output")
     o.add_argument("--output", default=None, help="write the results to this .csv or .json file")
     o.add_argument("--sort", choices=SORT_ORDERS, default=None,
@@ -83,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="isolated (default): every image scored alone; "
                         "batch: the reference (scores depend on batch-mates)")
     r.add_argument("--batch_size", type=_positive, default=32, help="images per forward pass (default: 32)")
-    r.add_argument("--num_workers", type=_non_negative, default=default_num_workers(),
+    r.add_argument("--num_workers", type=_non_negative, default=default_loader_workers(4),
                    help="image-loading processes (default: min(4, CPU cores))")
     r.add_argument("--device", default="auto", help="auto (CUDA when present; the default), cpu, cuda or cuda:N")
     r.add_argument("--amp", choices=AMP_MODES, default="none",
@@ -101,10 +103,10 @@ def format_table(results: Sequence[ScoreResult], variant: str) -> str:
     header = ["image", "score", *(["std"] if variant == "ava" else []), "error"]
     lines = [header]
     for r in results:
-        row = [printable_name(r.image), "" if r.score is None else f"{r.score:.3f}"]
+        row = [safe_text(r.image), "" if r.score is None else f"{r.score:.3f}"]
         if variant == "ava":
             row.append("" if r.std is None else f"{r.std:.3f}")
-        lines.append([*row, r.error or ""])
+        lines.append([*row, safe_text(r.error or "")])
     widths = [max(len(line[c]) for line in lines) for c in range(len(header) - 1)]
     numeric = range(1, len(header) - 1)
     text = []
@@ -115,7 +117,15 @@ def format_table(results: Sequence[ScoreResult], variant: str) -> str:
 
 
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
-    print(f"{PROG}: warning: {message}", file=sys.stderr)
+    print(f"{PROG}: warning: {safe_text(message)}", file=sys.stderr)
+
+
+def _report_skipped(skipped: Sequence[tuple[str, str]], shown: int = 5) -> None:
+    """One line per skipped file (the first few), then how many more."""
+    for path, why in skipped[:shown]:
+        print(f"{PROG}: skipped {safe_text(path)}: {why}", file=sys.stderr)
+    if len(skipped) > shown:
+        print(f"{PROG}: skipped {len(skipped) - shown} more files that are not images", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -132,19 +142,24 @@ def _run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         if args.output is not None:
-            check_output_path(args.output)
+            check_output_path(args.output, inputs=[p for p in args.paths if not Path(p).is_dir()])
         if not args.path_to_model_weight:
             raise ValueError(NO_WEIGHTS_HELP)
-        images = collect_images(args.paths, recursive=args.recursive, path_to_images=args.path_to_images)
+        skipped: list[tuple[str, str]] = []
+        images = collect_images(args.paths, recursive=args.recursive, path_to_images=args.path_to_images,
+                                follow_symlinks=args.follow_symlinks, skipped=skipped)
+        _report_skipped(skipped)
         if not images:
             raise ValueError(f"no images found in {' '.join(args.paths)}")
+        if args.output is not None:
+            check_output_path(args.output, inputs=[str(p) for p in images])
         scorer = Scorer(
             args.path_to_model_weight, variant=args.variant, device=args.device, theme_fusion=args.theme_fusion,
             batch_size=args.batch_size, amp=args.amp, num_workers=args.num_workers,
             allow_unsafe_load=args.allow_unsafe_load, checkpoints_dir=args.checkpoints_dir, download=args.download,
         )
     except (ValueError, FileNotFoundError, DownloadError) as exc:  # CheckpointError, DataError are ValueErrors
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     if args.allocator == "tuned" and scorer.device.type == "cpu":
         tune_cpu_allocator()
@@ -152,7 +167,7 @@ def _run(args: argparse.Namespace) -> int:
     results = []
     for result in scorer.iter_results(images, progress=not args.quiet):
         if result.error is not None:
-            tqdm.write(f"{PROG}: failed: {result.error}", file=sys.stderr)
+            tqdm.write(f"{PROG}: failed: {safe_text(result.error)}", file=sys.stderr)
         results.append(result)
 
     shown = rank_results(results, sort=args.sort, top=args.top, bottom=args.bottom)
@@ -161,12 +176,12 @@ def _run(args: argparse.Namespace) -> int:
         try:
             write_results(shown, args.output, scorer.variant)
         except OSError as exc:
-            print(f"{PROG}: error: cannot write {args.output}: {exc}", file=sys.stderr)
+            print(f"{PROG}: error: cannot write {safe_text(args.output)}: {one_line(exc)}", file=sys.stderr)
             return EXIT_USAGE
     failed = sum(r.error is not None for r in results)
     done = f"scored {len(results) - failed} of {len(results)} images"
     print(f"{PROG}: {done}" + (f"; {failed} failed" if failed else "")
-          + (f"; results in {args.output}" if args.output else ""), file=sys.stderr)
+          + (f"; results in {safe_text(args.output)}" if args.output else ""), file=sys.stderr)
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import pathlib
+import pickletools
 import re
 import uuid
 import warnings
+import zipfile
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -105,7 +108,49 @@ class UnsafeCheckpointError(CheckpointError):
 
 # Phrases of torch's weights-only unpickler meaning "valid pickle, but it references code".
 _UNSAFE_MARKERS = ("Unsupported global", "Unsupported class", "not an allowed global",
-                   "unrecognized function", "Unsupported reduce")
+                   "unrecognized function", "Unsupported reduce", "unsupported GLOBAL", "is blocked")
+_MAX_PICKLE = 64 << 20  # bytes of a pickle stream scanned for what it references
+
+
+def _pickle_stream(path: pathlib.Path) -> bytes:
+    """The object pickle of a checkpoint: ``data.pkl`` of a zip (PyTorch's format), else the file's start."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+            return z.read(name)[:_MAX_PICKLE] if name is not None else b""
+    with open(path, "rb") as f:
+        return f.read(_MAX_PICKLE)
+
+
+def referenced_globals(path: PathLike) -> list[str] | None:
+    """The importable names (``module.name``) a checkpoint's pickle would look up when fully unpickled,
+    read without unpickling it; None when the stream is not a complete pickle (truncated, not a pickle)."""
+    found: list[str] = []
+    pushed: list[object] = []  # the last values pushed, as far as names go (strings, or None)
+    memo: dict[int, object] = {}
+    try:
+        for op, arg, _ in pickletools.genops(io.BytesIO(_pickle_stream(pathlib.Path(path)))):
+            name = op.name
+            if name in ("GLOBAL", "INST"):
+                found.append(str(arg).replace(" ", "."))
+            elif name == "STACK_GLOBAL":
+                module, qualname = (pushed[-2:] + [None, None])[:2] if len(pushed) >= 2 else (None, None)
+                found.append(f"{module}.{qualname}" if isinstance(module, str) and isinstance(qualname, str)
+                             else "(a name built at load time)")
+            if name == "STOP":
+                return found
+            if name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+                memo[len(memo) if name == "MEMOIZE" else int(arg)] = pushed[-1] if pushed else None
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                pushed.append(memo.get(int(arg)))
+            elif op.stack_after and not op.stack_before:  # pushes one value and pops none
+                pushed.append(arg if isinstance(arg, str) else None)
+            else:
+                pushed.append(None)
+            del pushed[:-4]
+    except Exception:  # noqa: BLE001 - any malformed stream: not a complete pickle
+        return None
+    return None
 
 
 def first_line(exc: BaseException) -> str:
@@ -114,12 +159,19 @@ def first_line(exc: BaseException) -> str:
     return line if len(line) <= 200 else line[:197] + "..."
 
 
-def _weights_only_failure(exc: BaseException) -> tuple[bool, str]:
-    """(needs_unsafe, short cause) for an exception of torch.load(weights_only=True)."""
+_HARMLESS = ("torch.", "collections.OrderedDict", "builtins.set", "builtins.frozenset", "numpy.")
+
+
+def _weights_only_failure(exc: BaseException, path: pathlib.Path) -> tuple[bool, str]:
+    """(needs_unsafe, short cause) for an exception of torch.load(weights_only=True): a complete pickle
+    that the weights-only unpickler refused needs full unpickling; anything else is a broken file."""
     texts = [str(exc)]
     if exc.__context__ is not None:
         texts.append(str(exc.__context__))
     joined = "\n".join(texts)
+    risky = [n for n in dict.fromkeys(referenced_globals(path) or []) if not n.startswith(_HARMLESS)]
+    if risky:
+        return True, ", ".join(risky[:3]) + (", ..." if len(risky) > 3 else "")
     if any(m in joined for m in _UNSAFE_MARKERS):
         found = re.search(r"GLOBAL ([\w.]+)", joined) or re.search(r"Unsupported class ([\w.]+)", joined)
         return True, (found.group(1) if found else "")
@@ -143,15 +195,16 @@ def safe_torch_load(path: PathLike, *, allow_unsafe: bool = False, map_location:
     try:
         return torch.load(p, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
-        needs_unsafe, cause = _weights_only_failure(exc)
+        needs_unsafe, cause = _weights_only_failure(exc, p)
         if not needs_unsafe:
             raise CheckpointError(f"checkpoint {p} is not a readable PyTorch file "
                                   f"(truncated or wrong format?): {cause}") from None
     if not allow_unsafe:
         what = f" (it references {cause})" if cause else ""
         raise UnsafeCheckpointError(
-            f"checkpoint {p} contains pickled Python objects that can run arbitrary code when loaded{what}; "
-            f"it can only be loaded with the explicit opt-in --allow_unsafe_load, and only from a trusted source")
+            f"checkpoint {p} was refused: it holds pickled Python objects{what}, so loading it needs full "
+            f"unpickling, which can run arbitrary code; if the file comes from a trusted source, allow it with "
+            f"--allow_unsafe_load")
     warnings.warn(f"--allow_unsafe_load: unpickling {p} with weights_only=False, which can execute "
                   f"arbitrary code; do this only for files from a trusted source", UserWarning, stacklevel=2)
     try:

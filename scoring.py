@@ -21,22 +21,21 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
-from dataset import IMAGE_FORMATS, DataError, build_transform, load_image, to_rgb
+from console import progress as progress_bar
+from dataset import IMAGE_FORMATS, DataError, build_transform, link_leaves_folder, load_image, to_rgb
 from engine import autocast
-from models import RELEASED, VARIANTS, TANet, load_checked, read_tanet_checkpoint, resolve_weights
+from models import VARIANTS, TANet, load_tanet, resolve_weights
+from presets import INPUT_SHAPE, NUM_BINS, RELEASED, scores_1_to_10
 from runtime import resolve_device
-from safe_io import atomic_save_json, atomic_write
-from util import distribution_mean, distribution_std
+from safe_io import CheckpointError, atomic_save_json, atomic_write
+from util import distribution_std
 
-ImageSource = Union[str, os.PathLike, Image.Image]
+ImageSource = Union[str, os.PathLike, Image.Image, "RefusedImage"]
 LIST_SUFFIXES = (".txt", ".csv")
 OUTPUT_FORMATS = (".csv", ".json")
 SORT_ORDERS = ("none", "desc", "asc")
 AMP_MODES = ("none", "bf16", "fp16")
-NUM_BINS = 10
-INPUT_SHAPE = (3, 224, 224)
 
 NO_WEIGHTS_HELP = (
     "no TANet weights given: pass --path_to_model_weight with a checkpoint, either a released one "
@@ -80,23 +79,59 @@ def image_extensions() -> frozenset[str]:
     return frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in IMAGE_FORMATS)
 
 
-def _is_hidden(relative: Path) -> bool:
-    return any(part.startswith(".") for part in relative.parts)
+@dataclass(frozen=True)
+class RefusedImage:
+    """An image file that is not scored, and why (a symbolic link out of its folder); scoring it
+    gives a result with this error."""
+
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return self.path
 
 
-def images_in_folder(folder: str | os.PathLike, *, recursive: bool = False) -> list[str]:
-    """The image files of a folder (by extension, any case), sorted; hidden files
-    (``.name``, e.g. macOS ``._photo.jpg``) skipped; subfolders too when ``recursive``."""
+def _sniff(path: str) -> str | None:
+    """The format of a file whose name does not say it is an image, when it is one we open."""
+    try:
+        with Image.open(path, formats=IMAGE_FORMATS) as img:
+            return img.format
+    except Exception:  # noqa: BLE001 - anything Pillow cannot identify is not an image here
+        return None
+
+
+def scan_folder(folder: str | os.PathLike, *, recursive: bool = False, follow_symlinks: bool = False,
+                skipped: list[tuple[str, str]] | None = None) -> list[str | RefusedImage]:
+    """The images of a folder, sorted: files named like an image (any case), and files of another
+    name that Pillow opens as one (a JPEG named ``.heic``); subfolders too when ``recursive``. Hidden
+    files (``.name``, e.g. macOS ``._photo.jpg``) are left out; other files left out are appended to
+    ``skipped`` as (path, why). A symbolic link to a file outside the folder is a ``RefusedImage``
+    unless ``follow_symlinks``."""
     root = str(folder)
+    real_root = os.path.realpath(root)
     extensions = image_extensions()
-    found = []
+    found: list[str | RefusedImage] = []
     for here, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
         for name in sorted(files):
+            if name.startswith("."):
+                continue
             path = os.path.join(here, name)
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions:
-                found.append(path)
+            if os.path.splitext(name)[1].lower() not in extensions and _sniff(path) is None:
+                if skipped is not None:
+                    skipped.append((path, "not an image this project reads (JPEG, PNG, BMP, GIF, TIFF, WebP, "
+                                          "PPM, TGA, JPEG 2000)"))
+                continue
+            real = None if follow_symlinks or not os.path.islink(path) else link_leaves_folder(path, real_root)
+            found.append(path if real is None else RefusedImage(
+                path, f"image {path} is a symbolic link to {real}, outside the folder {root}; pass "
+                      f"--follow_symlinks to score it"))
     return found
+
+
+def images_in_folder(folder: str | os.PathLike, *, recursive: bool = False) -> list[str]:
+    """The image files of a folder, sorted (``scan_folder``'s images, links out of it included)."""
+    return [str(p) for p in scan_folder(folder, recursive=recursive, follow_symlinks=True)]
 
 
 def _read_text(path: Path) -> str:
@@ -156,15 +191,17 @@ def collect_images(
     *,
     recursive: bool = False,
     path_to_images: str | os.PathLike | None = None,
-) -> list[str]:
-    """Expand command-line paths into image paths, in order: a folder gives its images, a ``.txt``
-    or ``.csv`` file the images it lists (relative to ``path_to_images`` if given, else to the
-    list's folder), anything else is taken as an image (a missing one fails when scored)."""
-    images: list[str] = []
+    follow_symlinks: bool = False,
+    skipped: list[tuple[str, str]] | None = None,
+) -> list[str | RefusedImage]:
+    """Expand command-line paths into image paths, in order: a folder gives its images (``scan_folder``),
+    a ``.txt`` or ``.csv`` file the images it lists (relative to ``path_to_images`` if given, else to
+    the list's folder), anything else is taken as an image (a missing one fails when scored)."""
+    images: list[str | RefusedImage] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = images_in_folder(path, recursive=recursive)
+            found = scan_folder(path, recursive=recursive, follow_symlinks=follow_symlinks, skipped=skipped)
             if not found:
                 hint = "" if recursive else " (add --recursive to look in subfolders)"
                 warnings.warn(f"folder {path} holds no image files{hint}", ScoringWarning, stacklevel=2)
@@ -193,6 +230,8 @@ class _ImageSources(Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, Tensor | None, str | None]:
         source = self.sources[index]
+        if isinstance(source, RefusedImage):
+            return index, None, source.reason
         try:
             image = to_rgb(source) if isinstance(source, Image.Image) else load_image(source)
             return index, self.transform(image), None
@@ -213,15 +252,11 @@ def _collate(items: list[tuple[int, Tensor | None, str | None]]) -> dict[str, An
 
 
 def _name(source: Any, index: int) -> str:
+    if isinstance(source, RefusedImage):
+        return source.path
     if isinstance(source, Image.Image):
         return getattr(source, "filename", "") or f"<image {index}>"
     return str(source)
-
-
-def default_num_workers() -> int:
-    """min(4, usable CPU cores)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(4, cores)
 
 
 # --------------------------------------------------------------------------- the scorer
@@ -257,18 +292,11 @@ class Scorer:
         target = resolve_device(device)
         _check_options(target, theme_fusion, batch_size, amp, num_workers)  # before the slow part
         path = resolve_weights(weights, directory=checkpoints_dir, download_missing=download)
-        state, meta = read_tanet_checkpoint(path, allow_unsafe=allow_unsafe_load)
-        known = meta.get("variant")
-        if known is not None and known not in VARIANTS:
-            raise ScoringError(f"checkpoint {path} names an unknown variant {known!r}")
-        if known is not None and variant is not None and known != variant:
-            raise ScoringError(f"checkpoint {path} is a {known!r} model, but variant {variant!r} was asked for; "
-                               f"drop --variant (it is read from the checkpoint) or pick the right file")
-        if known is None and variant is None:
-            raise ScoringError(f"the variant of checkpoint {path} cannot be told from the file; pass --variant")
-        model = TANet(known or variant, theme_fusion=theme_fusion)
-        hint = "" if any(k.startswith("mobileNet.") for k in state) else "this does not look like a TANet checkpoint"
-        load_checked(model, state, str(path), hint)
+        try:
+            model, _ = load_tanet(path, variant=variant, theme_fusion=theme_fusion, allow_unsafe=allow_unsafe_load,
+                                  model_class=TANet)
+        except CheckpointError as exc:
+            raise ScoringError(str(exc)) from None
         self._setup(model.to(target), target, theme_fusion, batch_size, amp, num_workers)
         self.checkpoint: Path | None = path
 
@@ -352,7 +380,7 @@ class Scorer:
             pin_memory=self.device.type == "cuda", **({"prefetch_factor": 2} if workers else {}),
         )
         show = progress and len(sources) > self.batch_size
-        with tqdm(total=len(sources), unit="img", desc="scoring", disable=not show, dynamic_ncols=True) as bar:
+        with progress_bar(total=len(sources), unit="img", desc="scoring", enabled=show) as bar:
             for batch in loader:
                 outputs = self._forward(batch["images"]) if batch["images"] is not None else None
                 row_of = {i: r for r, i in enumerate(batch["good"])}
@@ -388,9 +416,10 @@ class Scorer:
         values = output.double().numpy()
         if not np.isfinite(values).all():
             return ScoreResult(image=name, error=f"image {name}: the model gave a non-finite output {values.tolist()}")
+        score = float(scores_1_to_10(values, self.variant))
         if self.variant == "tad66k":
-            return ScoreResult(image=name, score=float(values[0]) * 10.0)  # sigmoid 0..1 -> 1..10 scale
-        return ScoreResult(image=name, score=float(distribution_mean(values)), std=float(distribution_std(values)),
+            return ScoreResult(image=name, score=score)
+        return ScoreResult(image=name, score=score, std=float(distribution_std(values)),
                            distribution=tuple(float(v) for v in values))
 
     def _tensor_results(self, x: Tensor) -> Iterator[ScoreResult]:
@@ -430,7 +459,7 @@ def _check_sources(x: Any) -> list[ImageSource]:
         raise TypeError(f"cannot score a {type(x).__name__}: give a path, a PIL image, a tensor, "
                         f"or a list of paths / PIL images")
     for i, item in enumerate(x):
-        if not isinstance(item, (str, os.PathLike, Image.Image)):
+        if not isinstance(item, (str, os.PathLike, Image.Image, RefusedImage)):
             raise TypeError(f"item {i} of the list is a {type(item).__name__}, not a path or PIL image "
                             f"(stack tensors into one (B, 3, 224, 224) tensor)")
     return list(x)
@@ -499,11 +528,24 @@ def result_rows(results: Iterable[ScoreResult], variant: str) -> list[dict[str, 
     return rows
 
 
-def check_output_path(path: str | os.PathLike) -> str:
-    """The format (``.csv`` or ``.json``) of an output file name; ScoringError for another."""
-    suffix = Path(path).suffix.lower()
+def check_output_path(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()) -> str:
+    """The format (``.csv`` or ``.json``) of an output file name; ScoringError for another type, for a
+    folder or a folder that cannot be written to, and for one of the ``inputs`` (an image list, an
+    image): outputs never overwrite them."""
+    target = Path(path)
+    suffix = target.suffix.lower()
     if suffix not in OUTPUT_FORMATS:
         raise ScoringError(f"--output {path}: unknown file type {suffix or '(none)'!r}; use a .csv or .json name")
+    if target.is_dir():
+        raise ScoringError(f"--output {path} is a folder; name a .csv or .json file")
+    real = os.path.realpath(target)
+    for given in inputs:
+        if os.path.realpath(os.fspath(given)) == real:
+            raise ScoringError(f"--output {path} is also an input ({given}); inputs are never overwritten: "
+                               f"choose another file")
+    parent = next((p for p in (target.parent, *target.parent.parents) if p.exists()), None)
+    if parent is not None and (not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK)):
+        raise ScoringError(f"--output {path}: cannot write into {parent}; choose another place")
     return suffix
 
 

@@ -4,15 +4,12 @@ from .fusion import FusedConv2d, conv_fusion_available, fuse_conv_activations
 from .optim import LR_SCHEDULES, PARAM_GROUPS, lr_factor, parameter_groups, scale_learning_rates
 from .tanet import THEME_FUSION_MODES, VARIANTS, TANet
 from .weights import (
-    REGISTRY,
-    RELEASED,
-    WeightFile,
     checkpoints_dir,
     infer_variant,
     load_checked,
     load_mobilenet_v2,
     load_places365_resnet18,
-    load_tanet_weights,
+    load_tanet,
     read_tanet_checkpoint,
     resolve_weights,
 )
@@ -21,12 +18,9 @@ __all__ = [
     "FusedConv2d",
     "LR_SCHEDULES",
     "PARAM_GROUPS",
-    "REGISTRY",
-    "RELEASED",
     "THEME_FUSION_MODES",
     "TANet",
     "VARIANTS",
-    "WeightFile",
     "checkpoints_dir",
     "conv_fusion_available",
     "fold_batchnorm",
@@ -35,7 +29,7 @@ __all__ = [
     "load_checked",
     "load_mobilenet_v2",
     "load_places365_resnet18",
-    "load_tanet_weights",
+    "load_tanet",
     "lr_factor",
     "parameter_groups",
     "read_tanet_checkpoint",

@@ -3,6 +3,7 @@ as oneDNN post-ops on the CPU (a speed path; use on a model whose BatchNorm is a
 from __future__ import annotations
 
 import copy
+import functools
 import operator
 
 import torch
@@ -21,9 +22,22 @@ _ADDS = (operator.add, operator.iadd, torch.add)
 _BACKBONES = ("res365_last", "mobileNet.base_model.0")
 
 
-def conv_fusion_available() -> bool:
-    """True when this PyTorch has oneDNN's fused convolution (x86/ARM CPU builds)."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+def conv_fusion_available(dtype: torch.dtype = torch.float32) -> bool:
+    """True when this PyTorch and this CPU run oneDNN's fused convolution in ``dtype`` (bfloat16 needs
+    AVX-512 or AVX-NE-CONVERT: a one-pixel convolution is tried once)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
+        return False
+    return dtype == torch.float32 or _fused_convolution_runs(dtype)
+
+
+@functools.cache
+def _fused_convolution_runs(dtype: torch.dtype) -> bool:
+    one = torch.ones(1, 1, 1, 1, dtype=dtype)
+    try:
+        torch.ops.mkldnn._convolution_pointwise(one, one, None, [0, 0], [1, 1], [1, 1], 1, "none", [], "")
+    except RuntimeError:
+        return False
+    return True
 
 
 class FusedConv2d(nn.Module):
@@ -68,8 +82,9 @@ def fuse_conv_activations(model: nn.Module, dtype: torch.dtype = torch.float32) 
     For CPU inference with oneDNN; weights of fused convolutions are stored in ``dtype``
     (``torch.bfloat16`` for the bf16 path). Same outputs as ``model`` up to rounding in ``dtype``.
     """
-    if not conv_fusion_available():
-        raise RuntimeError("fused convolutions need a PyTorch build with oneDNN (mkldnn)")
+    if not conv_fusion_available(dtype):
+        raise RuntimeError(f"fused convolutions in {dtype} need a PyTorch build with oneDNN (mkldnn) and, for "
+                           f"bfloat16, a CPU with AVX-512 or AVX-NE-CONVERT")
     fused = copy.deepcopy(model).eval()
     if not all(_has_submodule(fused, name) for name in _BACKBONES):
         return _fuse_graph(fx.symbolic_trace(fused), dtype)

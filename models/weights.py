@@ -1,67 +1,26 @@
-"""The reference weight files: where to get them, and how to load them into TANet.
+"""The reference weight files (listed in ``presets.WEIGHT_FILES``): finding or fetching them, and
+loading them into TANet.
 
-Every file is read with ``torch.load(weights_only=True)`` (through ``util.safe_torch_load``);
+Every file is read with ``torch.load(weights_only=True)`` (through ``safe_io.safe_torch_load``);
 a file that needs full unpickling is refused unless the caller opts in explicitly.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from download import download
+from presets import WEIGHT_FILES
 from safe_io import CheckpointError, safe_torch_load
+
+from .tanet import VARIANTS, TANet
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINTS_ENV = "TANET_CHECKPOINTS"
-_AUTHORS_REPO = "https://github.com/woshidandan/TANet-image-aesthetics-and-quality-assessment/raw/HEAD"
-
-
-@dataclass(frozen=True)
-class WeightFile:
-    """One downloadable reference file."""
-
-    name: str
-    kind: str  # "places365_resnet18", "mobilenet_v2" or "tanet"
-    variant: str | None  # the TANet variant, for kind "tanet"
-    url: str
-    sha256: str | None = None  # not pinned yet: nobody here could download them
-
-
-REGISTRY: dict[str, WeightFile] = {
-    w.name: w
-    for w in (
-        WeightFile(
-            "resnet18_places365.pth.tar",
-            "places365_resnet18",
-            None,
-            "http://places2.csail.mit.edu/models_places365/resnet18_places365.pth.tar",
-        ),
-        WeightFile(
-            "mobilenetv2.pth.tar",
-            "mobilenet_v2",
-            None,
-            "https://s3-us-west-1.amazonaws.com/models-nima/mobilenetv2.pth.tar",
-        ),
-        WeightFile(
-            "SRCC_513_LCC_531_MSE_016.pth",
-            "tanet",
-            "tad66k",
-            f"{_AUTHORS_REPO}/code/TAD66K/SRCC_513_LCC_531_MSE_016.pth",
-        ),
-        WeightFile(
-            "SRCC_758_LCC_765.pth",
-            "tanet",
-            "ava",
-            f"{_AUTHORS_REPO}/code/AVA/SRCC_758_LCC_765.pth",
-        ),
-    )
-}
-RELEASED = {w.variant: w.name for w in REGISTRY.values() if w.kind == "tanet"}
 
 
 def checkpoints_dir(override: str | os.PathLike | None = None) -> Path:
@@ -85,9 +44,9 @@ def resolve_weights(
     path = Path(name_or_path)
     if path.is_file():
         return path
-    entry = REGISTRY.get(path.name) if path.name == str(name_or_path) else None
+    entry = WEIGHT_FILES.get(path.name) if path.name == str(name_or_path) else None
     if entry is None:
-        known = ", ".join(REGISTRY)
+        known = ", ".join(WEIGHT_FILES)
         raise FileNotFoundError(f"weight file {str(name_or_path)!r} not found (registry names: {known})")
     local = checkpoints_dir(directory) / entry.name
     if local.is_file():
@@ -183,13 +142,28 @@ def read_tanet_checkpoint(path: str | os.PathLike, *, allow_unsafe: bool = False
     return state, meta
 
 
-def load_tanet_weights(model: nn.Module, path: str | os.PathLike, *, allow_unsafe: bool = False) -> dict:
-    """Load a whole TANet checkpoint (released or ours) with ``strict=True``; returns its metadata."""
+def load_tanet(path: str | os.PathLike, *, variant: str | None = None, theme_fusion: str = "batch",
+               allow_unsafe: bool = False, model_class: type[TANet] = TANet) -> tuple[TANet, dict]:
+    """The TANet of a checkpoint (released or ours) with its weights loaded strictly, and the
+    checkpoint's metadata (``variant`` and, for ours, ``options``, ``epoch``, ...).
+
+    The variant is read from the file; ``variant`` must agree with it, and is needed only when the
+    file cannot tell. CheckpointError naming both otherwise, or the keys that do not fit.
+    """
+    source = str(path)
     state, meta = read_tanet_checkpoint(path, allow_unsafe=allow_unsafe)
-    hint = ""
-    if meta["variant"] and meta["variant"] != model.variant:
-        hint = f"this is a {meta['variant']!r} checkpoint but the model is {model.variant!r} (check --variant)"
-    elif not any(k.startswith("mobileNet.") for k in state):
-        hint = "this does not look like a TANet checkpoint (a backbone file? use the backbone loaders)"
-    load_checked(model, state, str(path), hint)
-    return meta
+    known = meta.get("variant")
+    if variant is not None and variant not in VARIANTS:
+        raise CheckpointError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
+    if known is not None and known not in VARIANTS:
+        raise CheckpointError(f"checkpoint {source} names an unknown variant {known!r}")
+    if known is not None and variant is not None and known != variant:
+        raise CheckpointError(f"checkpoint {source} is a {known!r} model, but variant {variant!r} was asked for; "
+                              f"drop --variant (it is read from the checkpoint) or pick the right file")
+    if known is None and variant is None:
+        raise CheckpointError(f"the variant of checkpoint {source} cannot be told from the file; pass --variant")
+    model = model_class(known or variant, theme_fusion=theme_fusion)
+    hint = "" if any(k.startswith("mobileNet.") for k in state) else \
+        "this does not look like a TANet checkpoint (a backbone file? use the backbone loaders)"
+    load_checked(model, state, source, hint)
+    return model, meta

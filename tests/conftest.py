@@ -1,8 +1,24 @@
-"""Shared fixtures: a small demo data set generated once per test session."""
+"""Shared fixtures: a small demo data set generated once per test session; the image-check cache of
+the session in a temporary folder (also for the scripts the tests start)."""
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def image_check_cache(tmp_path_factory):
+    """Where image_check remembers decoded images: a folder of this test session, not ~/.cache."""
+    folder = tmp_path_factory.mktemp("tanet-cache")
+    old = os.environ.get("TANET_CACHE_DIR")
+    os.environ["TANET_CACHE_DIR"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("TANET_CACHE_DIR", None)
+    else:
+        os.environ["TANET_CACHE_DIR"] = old
 
 
 @pytest.fixture(scope="session")

@@ -26,15 +26,14 @@ from cache import (
 )
 from dataset import (
     AVA_COLUMNS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     AVADataset,
     DataError,
     ScoreImageDataset,
     collate_skip_none,
     load_image,
 )
-from engine import make_loader, predict, train_one_epoch
+from engine import infer, make_loader, train_one_epoch
+from presets import IMAGENET_MEAN, IMAGENET_STD
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = [(300, 200), (200, 300), (257, 257), (640, 427), (224, 224), (100, 80), (333, 251)]
@@ -299,7 +298,7 @@ def test_engine_gives_the_same_predictions_from_the_cache(data, tmp_path):
     for source, workers in ((ds, 0), (cached, 0), (cached, 1)):
         loader = make_loader(source, batch_size=4, train=False, num_workers=workers, device=cpu,
                              collate_fn=collate_skip_none)
-        runs.append(predict(model, loader, cpu, progress=False))
+        runs.append(infer(model, loader, cpu, progress=False))
     for other in runs[1:]:
         assert other.index == runs[0].index and other.path == runs[0].path and other.theme == runs[0].theme
         assert np.array_equal(np.stack(other.output), np.stack(runs[0].output))

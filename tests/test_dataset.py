@@ -189,17 +189,6 @@ def test_transforms_equal_the_reference_pipeline(tmp_path, style, train):
     assert (len(outputs) > 1) == train  # training transforms are random, evaluation ones are not
 
 
-def test_named_transform_builders_match_build_transform(tmp_path):
-    img = ds.load_image(write_image(tmp_path / "x.png"))
-    for fn, style, train in ((ds.tad66k_eval_transform, "tad66k", False), (ds.ava_eval_transform, "ava", False)):
-        assert torch.equal(fn()(img), ds.build_transform(style, train)(img))
-    for fn, style in ((ds.tad66k_train_transform, "tad66k"), (ds.ava_train_transform, "ava")):
-        torch.manual_seed(3)
-        a = fn()(img)
-        torch.manual_seed(3)
-        assert torch.equal(a, ds.build_transform(style, True)(img))
-
-
 def test_ava_resize_uses_pillows_default_filter(tmp_path):
     img = ds.load_image(write_image(tmp_path / "x.png", size=(50, 40)))
     assert ds.PilResize()(img).tobytes() == img.resize((224, 224)).tobytes()
@@ -493,52 +482,6 @@ def test_ava_dataset_skip_bad(tmp_path):
     assert ds.AVADataset(csv, img_dir, train=False, skip_bad=True)[0] is None
     with pytest.raises(DataError, match="10.jpg.*empty"):
         ds.AVADataset(csv, img_dir, train=False)[0]
-
-
-# --------------------------------------------------------------------------- check_images_exist
-
-def test_check_images_exist_passes_when_all_present(tmp_path):
-    csv, img_dir = make_score_data(tmp_path, ["a.jpg,5", "b.jpg,6"])
-    d = ds.ScoreImageDataset(csv, img_dir, train=False)
-    assert ds.check_images_exist(d) is d and len(d) == 2
-
-
-def test_missing_images_raise_with_count_names_and_hint(tmp_path):
-    csv, img_dir = make_score_data(tmp_path, [f"{c}.jpg,5" for c in "abcdefgh"], n_images=1)
-    d = ds.ScoreImageDataset(csv, img_dir, train=False)
-    with pytest.raises(DataError, match=r"7 of 8 images .*missing.*'b.jpg', 'c.jpg'.*\.\.\..*--skip_missing"):
-        ds.check_images_exist(d)
-
-
-def test_skip_missing_drops_them_and_logs_names(tmp_path, caplog):
-    csv, img_dir = make_score_data(tmp_path, ["a.jpg,5", "b.jpg,6", "c.jpg,7"])
-    (img_dir / "b.jpg").unlink()
-    d = ds.ScoreImageDataset(csv, img_dir, train=False, themes={"c.jpg": "cat"})
-    log = tmp_path / "run" / "missing.txt"
-    with caplog.at_level(logging.WARNING, logger="dataset"):
-        out = ds.check_images_exist(d, skip_missing=True, missing_log=log)
-    assert "1 of 3 images" in caplog.text
-    assert len(out) == 2 and out.names == ["a.jpg", "c.jpg"] and out.themes == ["", "cat"]
-    assert out.scores.tolist() == [5.0, 7.0] and out.targets.shape == (2, 1)
-    assert log.read_text() == "b.jpg\n"
-    assert out[1]["score"] == 7.0 and out[1]["theme"] == "cat" and out[1]["index"] == 1
-
-
-def test_skip_missing_with_nothing_left_is_an_error(tmp_path):
-    csv, img_dir = make_score_data(tmp_path, ["a.jpg,5"], n_images=0)
-    with pytest.raises(DataError, match="all of them"):
-        ds.check_images_exist(ds.ScoreImageDataset(csv, img_dir, train=False), skip_missing=True)
-
-
-def test_check_images_exist_on_ava(tmp_path):
-    csv, img_dir = make_ava_data(tmp_path, ["10,0,0,0,0,1,3,0,0,0,0,1,2,3", "11,1,0,0,0,0,0,0,0,0,1,0,0,0"],
-                                 n_images=1)
-    d = ds.AVADataset(csv, img_dir, train=False)
-    with pytest.raises(DataError, match="'11'"):
-        ds.check_images_exist(d)
-    assert ds.check_images_exist(d, skip_missing=True).names == ["10"]
-    assert d.targets.shape == (1, 10)
-
 
 
 def test_to_rgb_converts_in_memory_images_and_refuses_unconvertible_modes():

@@ -11,6 +11,7 @@ from PIL import Image
 
 import dataset as ds
 from dataset import DataError
+from image_check import check_images
 
 AVA_HEADER = "image_id,score2,score3,score4,score5,score6,score7,score8,score9,score10,score11,tag1,tag2,tag3\n"
 
@@ -94,7 +95,7 @@ def test_split_is_reused_when_inputs_are_the_same(tmp_path):
     assert info["stratified_by_theme"] is False
 
 
-@pytest.mark.parametrize("change", ["fraction", "seed", "csv", "themes", "deleted", "edited"])
+@pytest.mark.parametrize("change", ["fraction", "seed", "csv", "themes", "deleted"])
 def test_split_is_rebuilt_when_something_changed(tmp_path, change):
     csv, themes = themed_csv(tmp_path / "train.csv", {"cat": 30, "dog": 30})
     out = tmp_path / "o"
@@ -113,12 +114,10 @@ def test_split_is_rebuilt_when_something_changed(tmp_path, change):
         kwargs["themes"] = {n: "one" for n in themes}
     elif change == "deleted":
         va.unlink()
-    elif change == "edited":
-        va.write_text("image,score\n")
     ds.make_validation_split(csv, out, **kwargs)
     after = va.read_bytes()
     rows = pd.read_csv(va)
-    if change in ("deleted", "edited"):
+    if change == "deleted":
         assert after == before  # restored
     else:
         assert after != before
@@ -173,7 +172,8 @@ def test_build_tad66k_with_carved_validation(tmp_path):
                              val_fraction=0.25, seed=0)
     assert set(sets) == {"train", "val", "test"}
     assert (len(sets["train"]), len(sets["val"]), len(sets["test"])) == (9, 3, 4)
-    assert (root / "merge" / "train_split.csv").is_file() and (root / "merge" / "val_split.csv").is_file()
+    assert sorted(p.name for p in (root / "merge").iterdir()) == ["test.csv", "train.csv"]  # nothing written there
+    assert sets["val"].source == root / "merge" / "train.csv" and sets["val"].rows != sets["train"].rows[:3]
     assert sets["train"].train and not sets["val"].train and not sets["test"].train
     assert set(sets["val"].names).isdisjoint(sets["train"].names)
     assert sets["test"].themes == ["dog", "cat", "dog", "cat"]
@@ -204,7 +204,7 @@ def test_build_tad66k_errors(tmp_path):
         ds.build_datasets("tad66k", variant="tad66k", image_dir=root, csv_dir=root, validation="train")
     with pytest.raises(ValueError, match="dataset must be"):
         ds.build_datasets("flickr", variant="tad66k", image_dir=root)
-    with pytest.raises(DataError, match="training CSV .*not found"):
+    with pytest.raises(DataError, match="holds neither merge/train.csv and merge/test.csv .* nor train.csv and test.csv"):
         ds.build_datasets("tad66k", variant="tad66k", image_dir=root, csv_dir=tmp_path / "empty")
 
 
@@ -267,7 +267,7 @@ def test_build_csv_own_data(tmp_path):
     assert (len(sets["train"]), len(sets["val"])) == (6, 2)
     assert sorted(sets["val"].themes) == ["x", "y"]  # stratified by the theme column
     assert sets["test"].scores.tolist() == [1.0, 10.0] and sets["test"].themes == ["", ""]
-    assert (tmp_path / "mine" / "val_split.csv").is_file()
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["te.csv", "tr.csv"]
     sets = ds.build_datasets("csv", variant="tad66k", image_dir=img, train_csv=train, test_csv=test,
                              val_csv=test, score_range=(0, 100))
     assert len(sets["train"]) == 8 and sets["val"].names == ["p8.png", "p9.png"]
@@ -293,4 +293,4 @@ def test_build_demo_generates_on_first_use(tmp_path):
     item = sets["test"][0]
     assert item["image"].shape == (3, 224, 224) and item["theme"] in ("architecture", "flower", "mono", "vintage")
     assert 1.0 <= item["score"] <= 10.0
-    assert ds.check_images_exist(sets["train"]) is sets["train"]
+    assert check_images(sets["train"], mode="exists") is sets["train"]

@@ -2,17 +2,17 @@
 plain model, in float32 and in bfloat16, for both variants; which patterns fuse; and the trial option."""
 from __future__ import annotations
 
-import argparse
 
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-import main_nni
+import engine
 import option
 from models import FusedConv2d, TANet, conv_fusion_available, fold_batchnorm, fuse_conv_activations
 from path_helpers import CPU, golden_scores, golden_tanet, perturb_batchnorm
+from runtime import resolve_amp
 
 pytestmark = pytest.mark.skipif(not conv_fusion_available(), reason="needs a PyTorch build with oneDNN")
 
@@ -44,6 +44,8 @@ def test_fused_tanet_matches_the_plain_model_in_float32(variant):
     assert (_scores(fused) - _scores(model)).abs().max() < 1e-5
 
 
+@pytest.mark.skipif(not conv_fusion_available(torch.bfloat16),
+                    reason="oneDNN's bfloat16 convolution needs a CPU with AVX-512 or AVX-NE-CONVERT")
 @pytest.mark.parametrize("theme_fusion", ["batch", "isolated"])
 def test_fused_bfloat16_path_stays_close_to_float32(theme_fusion):
     model = _tanet("tad66k", theme_fusion)
@@ -98,16 +100,17 @@ def test_fusion_needs_onednn(monkeypatch):
     assert not conv_fusion_available()
     with pytest.raises(RuntimeError, match="oneDNN"):
         fuse_conv_activations(_Block())
-    args = argparse.Namespace(fuse_conv=True)
-    assert not main_nni.fuses_conv(args, CPU)
+    assert not engine.fuses_conv(True, CPU, "none")
 
 
 def test_trial_option_fuses_on_the_cpu_only():
     args = option.apply_dataset_defaults(option.init(["--dataset", "demo"]))
+    args.amp = resolve_amp(args.amp, CPU)  # as main_nni does once the device is known
     assert args.fold_bn and args.fuse_conv  # the demo recipe uses it
-    assert main_nni.fuses_conv(args, CPU) and not main_nni.fuses_conv(args, torch.device("cuda"))
+    assert engine.fuses_conv(args.fuse_conv, CPU, args.amp)
+    assert not engine.fuses_conv(args.fuse_conv, torch.device("cuda"), args.amp)
     reference = option.apply_dataset_defaults(option.init(["--dataset", "tad66k"]))
-    assert not reference.fuse_conv and not main_nni.fuses_conv(reference, CPU)
+    assert not reference.fuse_conv and not engine.fuses_conv(reference.fuse_conv, CPU, "none")
     bad = option.apply_dataset_defaults(option.init(["--dataset", "demo", "--no-fold_bn"]))
     with pytest.raises(ValueError, match="--fuse_conv needs --fold_bn"):
         option.check_options(bad)

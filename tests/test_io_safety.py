@@ -5,6 +5,7 @@ import json
 import math
 import os
 import pathlib
+import pickle
 import zipfile
 
 import pytest
@@ -114,8 +115,30 @@ def test_code_running_checkpoint_is_refused_and_does_not_run(tmp_path):
         safe_io.safe_torch_load(ckpt)
     message = str(info.value)
     assert str(ckpt) in message and "--allow_unsafe_load" in message and "trusted" in message
+    assert "full unpickling" in message and "pathlib" in message and "truncated" not in message
     assert "\n" not in message
     assert isinstance(info.value, safe_io.CheckpointError) and isinstance(info.value, ValueError)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("writer", ["torch", "pickle"])
+def test_refusal_says_what_a_malicious_pickle_would_run(tmp_path, writer):
+    """A plain pickle (protocol 4, which the weights-only unpickler cannot even read) and a PyTorch zip:
+    both are named for what they would import, and told apart from a truncated file."""
+    marker, ckpt = tmp_path / "pwned", tmp_path / "evil.pth"
+    payload = {"model": {"w": torch.ones(2)}, "x": MarkerPayload(marker)}
+    if writer == "torch":
+        torch.save(payload, ckpt)
+    else:
+        ckpt.write_bytes(pickle.dumps(payload, protocol=4))
+    assert any(name.startswith("pathlib.Path") for name in safe_io.referenced_globals(ckpt))
+    with pytest.raises(safe_io.UnsafeCheckpointError, match="needs full unpickling.*--allow_unsafe_load"):
+        safe_io.safe_torch_load(ckpt)
+    truncated = tmp_path / "cut.pth"
+    truncated.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    with pytest.raises(safe_io.CheckpointError, match="truncated or wrong format") as info:
+        safe_io.safe_torch_load(truncated)
+    assert not isinstance(info.value, safe_io.UnsafeCheckpointError)
     assert not marker.exists()
 
 

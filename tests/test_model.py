@@ -48,7 +48,26 @@ def test_eval_outputs_match_golden_fixtures(golden_models, variant):
         for name in ("x_aes", "x_theme", "x_rgb", "output"):
             want = expected[f"b{batch}.{name}"]
             assert got[name].shape == want.shape
-            assert torch.allclose(got[name], want, atol=1e-5, rtol=0), (variant, batch, name)
+            # The ava theme matrix is batch-normalised over 2-12 images, which magnifies the float32
+            # rounding of the theme ResNet about tenfold: the fixture itself is 3.3e-5 from the float64
+            # result, and other CPU kernels land as far on the other side. The output stays within 1e-5.
+            atol = 1e-4 if (variant, name) == ("ava", "x_theme") else 1e-5
+            assert torch.allclose(got[name], want, atol=atol, rtol=0), (variant, batch, name)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_float64_outputs_match_golden_fixtures(variant):
+    """In float64 (no CPU-dependent float32 rounding), every branch is within the fixture's own rounding."""
+    model = TANet(variant)
+    model.load_state_dict(golden_state_dict(variant), strict=True)
+    model = model.double().eval()
+    expected = golden_outputs(variant)
+    for batch in golden_batches(variant):
+        with torch.no_grad():
+            got = model.forward_branches(golden_input(batch).double())
+        for name in ("x_aes", "x_theme", "x_rgb", "output"):
+            atol = 5e-5 if (variant, name) == ("ava", "x_theme") else 1e-5
+            assert torch.allclose(got[name].float(), expected[f"b{batch}.{name}"], atol=atol, rtol=0), (batch, name)
 
 
 def test_output_shapes_and_ranges():

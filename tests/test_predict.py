@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 import predict
-from models import RELEASED, TANet
+from models import TANet
+from presets import RELEASED
 from scoring import Scorer
 
 REPO = Path(__file__).resolve().parent.parent

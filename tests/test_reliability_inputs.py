@@ -32,6 +32,7 @@ import dataset as ds
 import download
 import engine
 import main_nni
+import safe_io
 from dataset import DataError
 from engine import NonFiniteError
 from reliability_helpers import TinyTANet
@@ -540,7 +541,7 @@ def test_non_finite_input_is_caught_naming_the_image(bad):
                                torch.device("cpu"), epoch=4, progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "a bad batch changed the model"
     with pytest.raises(NonFiniteError, match=r"non-finite input in val; image\(s\): /data/c.jpg$"):
-        engine.predict(model, [batch(images_with(bad, 2))], torch.device("cpu"), progress=False, desc="val")
+        engine.infer(model, [batch(images_with(bad, 2))], torch.device("cpu"), progress=False, desc="val")
 
 
 class BlowsUpOn(torch.nn.Module):
@@ -559,7 +560,7 @@ def test_non_finite_prediction_is_caught_naming_the_image_that_caused_it():
     images = torch.zeros(3, 3, 224, 224)
     images[0] += 2
     with pytest.raises(NonFiniteError, match=r"non-finite prediction in test; image\(s\): /data/a.jpg$"):
-        engine.predict(BlowsUpOn(), [batch(images)], torch.device("cpu"), progress=False, desc="test")
+        engine.infer(BlowsUpOn(), [batch(images)], torch.device("cpu"), progress=False, desc="test")
     model = BlowsUpOn()
     with pytest.raises(NonFiniteError, match=r"non-finite prediction in epoch 0, batch 0; image\(s\): /data/a.jpg$"):
         engine.train_one_epoch(model, [batch(images)], torch.optim.SGD(model.parameters(), lr=0.1),
@@ -579,7 +580,7 @@ def test_model_with_nan_weights_cannot_score_and_main_names_the_images(data, tmp
     model = TinyTANet("tad66k")
     model.load_state_dict(torch.load(weights)["model"])
     with pytest.raises(NonFiniteError, match=r"prediction in test; image\(s\): /data/a.jpg, /data/b.jpg$"):
-        engine.predict(model, [batch(torch.zeros(2, 3, 224, 224))], torch.device("cpu"), progress=False, desc="test")
+        engine.infer(model, [batch(torch.zeros(2, 3, 224, 224))], torch.device("cpu"), progress=False, desc="test")
 
     line = one_line_error(capsys, argv_for(data, tmp_path / "test", "--test_only", "--path_to_model_weight",
                                            str(weights)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 import math
 import shutil
 import subprocess
@@ -15,12 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-import figures
 import main_nni
 import report
-import reporting
-from dataset import IMAGENET_MEAN, IMAGENET_STD
-from figures import ScoredImage
+from report import figures, passes, stats
+from report.__main__ import main as report_main
+from presets import IMAGENET_MEAN, IMAGENET_STD
+from report.figures import ScoredImage
 from models import TANet
 
 TRAIN = ["--dataset", "demo", "--demo_images", "48", "16", "--max_images", "16", "--batch_size", "8",
@@ -39,7 +40,7 @@ def run(demo_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     assert main_nni.main([*TRAIN, "--path_to_save_csv", str(demo_root), "--experiment_dir_name", str(out)]) == 0
     before = logs_size(out)
-    assert report.main([str(out), "--device", "cpu", "--quiet"]) == 0
+    assert report_main([str(out), "--device", "cpu", "--quiet"]) == 0
     return out, before
 
 
@@ -136,9 +137,20 @@ def test_hidden_node_counts_cover_every_image_and_the_pass_reproduces_the_predic
     assert pass_["n_images"] == 16 and pass_["batch_size"] == 8
     assert len(pass_["hidden_most_positive"]) == len(pass_["hidden_most_negative"]) == 100
     assert sum(pass_["hidden_most_positive"]) == sum(pass_["hidden_most_negative"]) == 16
-    # batches of eval_batch_size in file order: the same scores as test_predictions.csv
-    assert data["rerun_max_difference"] < 1e-4
+    # the run's own evaluation path (the demo's: folded, fused, channels-last, its precision), batches of
+    # eval_batch_size in file order: the scores of test_predictions.csv (written with 6 decimals)
+    assert data["rerun_max_difference"] <= 1e-5
+    assert "differs" not in (folder / "report.html").read_text(encoding="utf-8")
     assert len(data["rgb_attention_images"]) == 3 and len(data["best"]) == len(data["worst"]) == 5
+
+
+def test_a_real_mismatch_is_reported_with_what_differs(run, tmp_path):
+    folder, _ = run
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("logs", "report*"))
+    made = report.write_report(copy, device="cpu", options={"eval_batch_size": 3}, tensorboard=False)
+    assert made.rerun_max_difference > 1e-5
+    assert len(made.notes) == 1 and "batch_size 8 in the run, 3 in the pass" in made.notes[0]
 
 
 def test_report_adds_the_figures_to_tensorboard(run):
@@ -152,7 +164,7 @@ def test_report_adds_the_figures_to_tensorboard(run):
 def test_checkpoint_on_a_split_with_a_cap_and_no_tensorboard(run, demo_root, tmp_path):
     folder, _ = run
     out = tmp_path / "out"
-    assert report.main(["--checkpoint", str(folder / "best.pth"), "--out", str(out), "--dataset", "demo",
+    assert report_main(["--checkpoint", str(folder / "best.pth"), "--out", str(out), "--dataset", "demo",
                         "--path_to_save_csv", str(demo_root), "--demo_images", "48", "16", "--max_images", "4",
                         "--eval_batch_size", "4", "--device", "cpu", "--no_tensorboard", "--quiet"]) == 0
     data = report_data(out)
@@ -161,7 +173,7 @@ def test_checkpoint_on_a_split_with_a_cap_and_no_tensorboard(run, demo_root, tmp
     assert (out / "report.html").is_file() and not (out / "logs").exists()
     assert {p.stem for p in (out / "report").glob("*.png")} == RUN_FIGURES
     # scored by the model pass: the first 4 images of the run's predictions, same batch of 4 -> close scores
-    csv = reporting.read_predictions(folder / "test_predictions.csv")
+    csv = report.read_predictions(folder / "test_predictions.csv")
     assert sorted(data["best"] + data["worst"]) == sorted(csv.names[:4])
 
 
@@ -169,53 +181,53 @@ def test_checkpoint_on_a_split_with_a_cap_and_no_tensorboard(run, demo_root, tmp
 
 def test_missing_files_fail_with_one_line_naming_them(run, tmp_path, capsys):
     folder, _ = run
-    assert report.main([str(tmp_path / "nowhere"), "--device", "cpu"]) == 1
+    assert report_main([str(tmp_path / "nowhere"), "--device", "cpu"]) == 1
     err = capsys.readouterr().err
     assert "nowhere" in err and err.count("\n") == 1
 
-    assert report.main([str(tmp_path), "--device", "cpu"]) == 1
+    assert report_main([str(tmp_path), "--device", "cpu"]) == 1
     assert "test_predictions.csv not found" in capsys.readouterr().err
 
     shutil.copy(folder / "test_predictions.csv", tmp_path / "test_predictions.csv")
-    assert report.main([str(tmp_path), "--device", "cpu"]) == 1
+    assert report_main([str(tmp_path), "--device", "cpu"]) == 1
     err = capsys.readouterr().err
     assert "best.pth" in err and err.count("\n") == 1
 
-    assert report.main([str(folder), "--checkpoint", str(tmp_path / "gone.pth"), "--device", "cpu"]) == 1
+    assert report_main([str(folder), "--checkpoint", str(tmp_path / "gone.pth"), "--device", "cpu"]) == 1
     assert "gone.pth not found" in capsys.readouterr().err
 
     plain = tmp_path / "plain.pth"  # a released-style checkpoint: weights only, no run options
     torch.save(torch.load(folder / "best.pth", weights_only=True)["model"], plain)
-    assert report.main(["--checkpoint", str(plain), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 1
+    assert report_main(["--checkpoint", str(plain), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 1
     assert "holds no run options: pass --dataset" in capsys.readouterr().err
 
-    assert report.main([str(folder), "--attention_images", "nope.jpg", "--device", "cpu", "--quiet"]) == 1
+    assert report_main([str(folder), "--attention_images", "nope.jpg", "--device", "cpu", "--quiet"]) == 1
     assert "attention image 'nope.jpg' is not among" in capsys.readouterr().err
 
 
 def test_bad_prediction_rows_and_columns_are_named(tmp_path):
     bad = tmp_path / "test_predictions.csv"
     bad.write_text("image,theme,true_score,pred_score\na.jpg,x,5.0,6.0\nb.jpg,x,7.0,oops\n")
-    with pytest.raises(reporting.ReportError, match=r"row 3 \(b.jpg\): pred_score 'oops'"):
-        reporting.read_predictions(bad)
+    with pytest.raises(report.ReportError, match=r"row 3 \(b.jpg\): pred_score 'oops'"):
+        report.read_predictions(bad)
     bad.write_text("image,score\na.jpg,5.0\n")
-    with pytest.raises(reporting.ReportError, match="lacks the column"):
-        reporting.read_predictions(bad)
+    with pytest.raises(report.ReportError, match="lacks the column"):
+        report.read_predictions(bad)
 
 
 def test_usage_errors_exit_2(capsys):
     for argv in ([], ["--checkpoint", "x.pth"], ["run", "--out", "x"]):
         with pytest.raises(SystemExit) as exc:
-            report.main(argv)
+            report_main(argv)
         assert exc.value.code == 2
 
 
 # --- pieces on synthetic data ----------------------------------------------------------------
 
 def test_themes_with_fewer_than_two_images_show_as_n_a():
-    table = reporting.ScoreTable(["a", "b", "c", "d", "e"], ["big", "big", "big", "alone", ""],
+    table = stats.ScoreTable(["a", "b", "c", "d", "e"], ["big", "big", "big", "alone", ""],
                                  np.array([2.0, 5.0, 8.0, 4.0, 6.0]), np.array([3.0, 5.0, 7.0, 5.0, 5.0]))
-    rows = reporting.theme_rows(table)
+    rows = stats.theme_rows(table)
     assert [r.theme for r in rows] == ["alone", "big"]  # the blank theme is left out
     alone = rows[0]
     assert alone.n == 1 and math.isnan(alone.srcc) and math.isnan(alone.plcc) and alone.mean_pred == 5.0
@@ -224,17 +236,17 @@ def test_themes_with_fewer_than_two_images_show_as_n_a():
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert labels == ["big (n=3)", "alone (n=1)"]  # sorted by SRCC, NaN last
     assert "n/a" in [t.get_text().strip() for t in fig.axes[0].texts]
-    page = reporting.render_html("t", [], {"per_theme_metrics": figures.png_bytes(fig)}, rows, [])
+    page = report.render_html("t", [], {"per_theme_metrics": figures.png_bytes(fig)}, rows, [])
     assert "<td>alone</td><td>1</td><td>n/a</td><td>n/a</td>" in page
 
 
 def test_spread_and_hidden_counts():
-    assert reporting.spread(np.array([5.0, 1.0, 9.0, 3.0, 7.0]), 3) == [1, 0, 2]
-    assert reporting.spread(np.array([4.0]), 3) == [0]
+    assert stats.spread(np.array([5.0, 1.0, 9.0, 3.0, 7.0]), 3) == [1, 0, 2]
+    assert stats.spread(np.array([4.0]), 3) == [0]
     hidden = np.zeros((3, 100))
     hidden[0, 7], hidden[1, 7], hidden[2, 2] = 5.0, 3.0, 1.0
     hidden[0, 50], hidden[1, 99], hidden[2, 99] = -1.0, -2.0, -3.0
-    pos, neg = reporting.hidden_counts(hidden)
+    pos, neg = stats.hidden_counts(hidden)
     assert pos[7] == 2 and pos[2] == 1 and pos.sum() == 3
     assert neg[99] == 2 and neg[50] == 1 and neg.sum() == 3
 
@@ -277,7 +289,7 @@ def ava_model():
 
 def test_model_pass_batches_in_file_order_and_handles_a_lone_ava_image(ava_model):
     data = _Tensors(3)
-    result = reporting.model_pass(ava_model, data, batch_size=2, limit=None, device=torch.device("cpu"),
+    result = passes.model_pass(ava_model, data, batch_size=2, limit=None, device=torch.device("cpu"),
                                   num_workers=0, progress=False)
     assert result.index == [0, 1, 2] and result.output.shape == (3, 10) and result.hidden.shape == (3, 100)
     # the last batch is one image, which skips the theme matrix: its hidden nodes are still there
@@ -289,7 +301,7 @@ def test_model_pass_batches_in_file_order_and_handles_a_lone_ava_image(ava_model
 
 def test_rgb_attention_figure_from_a_model(ava_model, tmp_path):
     data = _Tensors(2)
-    inputs, patches, sim = reporting.rgb_attention_inputs(ava_model, data, [1, 0], torch.device("cpu"))
+    inputs, patches, sim = passes.rgb_attention_inputs(ava_model, data, [1, 0], torch.device("cpu"))
     assert inputs.shape == (2, 3, 224, 224) and patches.shape == (2, 3, 12, 12) and sim.shape == (2, 144, 144)
     assert np.allclose(np.diagonal(sim, axis1=1, axis2=2), 1.0, atol=1e-5)
     assert np.allclose(inputs[0], data.x[1].numpy())

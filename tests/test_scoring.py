@@ -15,7 +15,8 @@ from PIL import Image
 
 import scoring
 from dataset import build_transform, load_image
-from models import RELEASED, TANet
+from models import TANet
+from presets import RELEASED
 from scoring import ScoreResult, Scorer, ScoringError, ScoringWarning, collect_images, rank_results, write_results
 
 

@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+import engine
 import main_nni
 import option
-from reporting import read_predictions
+from engine import amp_dtype
+from report import read_predictions
+from runtime import resolve_amp
 from safe_io import safe_torch_load
 
 # 16 images of each split, 2 epochs of 2 batches: a few seconds on a CPU.
@@ -163,17 +166,18 @@ def test_cosine_schedule_lowers_the_rates_and_resumes_exactly(demo_root, tmp_pat
 
 
 def test_fused_evaluation_gives_the_unfused_scores(trained, demo_root, tmp_path, monkeypatch):
-    """The demo evaluates with --fuse_conv (on by default); --no-fuse_conv gives the same scores up to
-    bfloat16 rounding."""
+    """The demo evaluates with --fuse_conv (on by default), in bfloat16 on CPUs that have it; --no-fuse_conv
+    gives the same scores up to that rounding."""
+    dtype = amp_dtype(resolve_amp("auto", torch.device("cpu")))
     calls = []
-    fuse = main_nni.fuse_conv_activations
-    monkeypatch.setattr(main_nni, "fuse_conv_activations", lambda *a, **k: calls.append(a[1]) or fuse(*a, **k))
+    fuse = engine.fuse_conv_activations
+    monkeypatch.setattr(engine, "fuse_conv_activations", lambda *a, **k: calls.append(a[1]) or fuse(*a, **k))
     weights = str(trained / "best.pth")
     assert run_main(demo_root, tmp_path / "fused", "--test_only", "--path_to_model_weight", weights) == 0
-    assert calls == [torch.bfloat16]
+    assert calls == [dtype]
     assert run_main(demo_root, tmp_path / "plain", "--test_only", "--path_to_model_weight", weights,
                     "--no-fuse_conv") == 0
-    assert calls == [torch.bfloat16]
+    assert calls == [dtype]
     fused, plain = (read_predictions(tmp_path / name / "test_predictions.csv") for name in ("fused", "plain"))
     assert fused.names == plain.names
     assert np.abs(fused.pred - plain.pred).max() < 0.05  # on the 1..10 scale
@@ -193,3 +197,20 @@ def test_system_allocator_option(trained, demo_root, tmp_path, monkeypatch):
     assert calls == [] and "allocator tuned" not in (tmp_path / "a" / "train.log").read_text()
     assert run_main(demo_root, tmp_path / "b", "--test_only", "--path_to_model_weight", weights) == 0
     assert calls == [1]
+
+
+def test_amp_auto_is_resolved_and_logged(demo_root, tmp_path, monkeypatch):
+    """--amp auto (the demo's) runs bf16 only where the CPU has bfloat16 instructions; an explicit bf16
+    on a CPU without them runs, with a warning in the log."""
+    for native in (False, True):
+        monkeypatch.setattr(main_nni, "cpu_has_native_bf16", lambda: native)
+        monkeypatch.setattr("runtime.cpu_has_native_bf16", lambda: native)
+        out = tmp_path / f"auto{native}"
+        assert run_main(demo_root, out, "--num_epoch", "0") == 0
+        saved = json.loads((out / "results.json").read_text())
+        assert "precision: " + ("bf16" if native else "float32") in (out / "train.log").read_text()
+        assert saved["n_images"] == 16
+    monkeypatch.setattr(main_nni, "cpu_has_native_bf16", lambda: False)
+    out = tmp_path / "forced"
+    assert run_main(demo_root, out, "--num_epoch", "0", "--amp", "bf16", "--no-fuse_conv") == 0
+    assert "emulated on this CPU" in (out / "train.log").read_text()

@@ -8,20 +8,20 @@ import threading
 import pytest
 import torch
 
+import presets
 from models import (
     PARAM_GROUPS,
-    REGISTRY,
-    RELEASED,
     TANet,
     checkpoints_dir,
     infer_variant,
     load_mobilenet_v2,
     load_places365_resnet18,
-    load_tanet_weights,
+    load_tanet,
     parameter_groups,
     read_tanet_checkpoint,
     resolve_weights,
 )
+from presets import RELEASED, WEIGHT_FILES
 from safe_io import CheckpointError, UnsafeCheckpointError, sha256_file
 
 
@@ -63,25 +63,31 @@ def test_released_plain_state_dict_and_our_checkpoint_load(tmp_path, donor, vari
     ours = tmp_path / "best.pth"
     torch.save({"model": donor[variant].state_dict(), "variant": variant, "epoch": 4}, ours)
     for path in (plain, ours):
-        model = TANet(variant)
-        meta = load_tanet_weights(model, path)
-        assert meta["variant"] == variant
-        assert _same(model, donor[variant])
+        for asked in (None, variant):
+            model, meta = load_tanet(path, variant=asked, theme_fusion="isolated")
+            assert meta["variant"] == variant and model.variant == variant and model.theme_fusion == "isolated"
+            assert _same(model, donor[variant])
     assert read_tanet_checkpoint(ours)[1]["epoch"] == 4
 
 
 def test_wrong_variant_names_the_keys_and_the_cause(tmp_path, donor):
     path = tmp_path / "ava.pth"
     torch.save(donor["ava"].state_dict(), path)
-    with pytest.raises(CheckpointError, match=r"head\.2\.weight.*'ava' checkpoint.*--variant"):
-        load_tanet_weights(TANet("tad66k"), path)
+    with pytest.raises(CheckpointError, match=r"ava.pth is a 'ava' model, but variant 'tad66k' was asked for"):
+        load_tanet(path, variant="tad66k")
+    state = {k: v for k, v in donor["ava"].state_dict().items() if k != "head.2.weight"}
+    torch.save(state, path)  # no fusion head: the variant cannot be told, and the keys do not fit
+    with pytest.raises(CheckpointError, match="cannot be told"):
+        load_tanet(path)
+    with pytest.raises(CheckpointError, match=r"1 missing keys: head\.2\.weight"):
+        load_tanet(path, variant="ava")
 
 
 def test_backbone_file_given_as_tanet_checkpoint_is_explained(tmp_path, donor):
     path = tmp_path / "resnet.pth"
     torch.save(donor["tad66k"].res365_last.state_dict(), path)
     with pytest.raises(CheckpointError, match="missing.*not look like a TANet checkpoint"):
-        load_tanet_weights(TANet("tad66k"), path)
+        load_tanet(path, variant="tad66k")
     with pytest.raises(CheckpointError, match="MobileNetV2"):
         load_mobilenet_v2(TANet("tad66k"), path)
 
@@ -100,7 +106,7 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path, donor):
     state = dict(donor["tad66k"].state_dict())
     torch.save({"state_dict": state, "x": _Payload(marker)}, path)
     with pytest.raises(UnsafeCheckpointError, match="--allow_unsafe_load"):
-        load_tanet_weights(TANet("tad66k"), path)
+        load_tanet(path)
     assert not marker.exists()
 
 
@@ -109,7 +115,7 @@ def test_broken_weight_files_give_clear_errors(tmp_path, content):
     path = tmp_path / "broken.pth"
     path.write_bytes(content)
     with pytest.raises(CheckpointError, match="broken.pth"):
-        load_tanet_weights(TANet("tad66k"), path)
+        load_tanet(path, variant="tad66k")
 
 
 def test_infer_variant():
@@ -119,11 +125,11 @@ def test_infer_variant():
 
 
 def test_registry_knows_the_four_reference_files():
-    assert set(REGISTRY) == {
+    assert set(WEIGHT_FILES) == {
         "resnet18_places365.pth.tar", "mobilenetv2.pth.tar", "SRCC_513_LCC_531_MSE_016.pth", "SRCC_758_LCC_765.pth",
     }
     assert RELEASED == {"tad66k": "SRCC_513_LCC_531_MSE_016.pth", "ava": "SRCC_758_LCC_765.pth"}
-    assert all(w.url.startswith("http") for w in REGISTRY.values())
+    assert all(w.url.startswith("http") for w in WEIGHT_FILES.values())
 
 
 def test_checkpoints_folder_option_and_environment(tmp_path, monkeypatch):
@@ -162,10 +168,9 @@ def test_resolve_weights_downloads_from_the_registry(tmp_path, monkeypatch):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        from models import weights
 
-        entry = weights.WeightFile("mobilenetv2.pth.tar", "mobilenet_v2", None, f"http://127.0.0.1:{server.server_port}/m")
-        monkeypatch.setitem(weights.REGISTRY, entry.name, entry)
+        entry = presets.WeightFile("mobilenetv2.pth.tar", "mobilenet_v2", None, f"http://127.0.0.1:{server.server_port}/m")
+        monkeypatch.setitem(presets.WEIGHT_FILES, entry.name, entry)
         path = resolve_weights("mobilenetv2.pth.tar", directory=tmp_path, download_missing=True, progress=False)
     finally:
         server.shutdown()

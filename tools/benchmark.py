@@ -52,9 +52,9 @@ from torch.utils.data import default_collate  # noqa: E402
 
 from cache import CachedDataset, augment_batch, build_cache  # noqa: E402
 from dataset import ScoreImageDataset  # noqa: E402
-from engine import amp_dtype, make_loader, predict, train_one_epoch  # noqa: E402
+from engine import amp_dtype, infer, make_loader, train_one_epoch  # noqa: E402
 from models import TANet, fold_batchnorm, fuse_conv_activations  # noqa: E402
-from runtime import ALLOCATORS, resolve_device, seed_everything, tune_cpu_allocator  # noqa: E402
+from runtime import ALLOCATORS, resolve_device, seed_everything, tune_cpu_allocator, usable_cpus  # noqa: E402
 from safe_io import atomic_save_json, atomic_torch_save  # noqa: E402
 
 TOKENS = ("compile", "freeze", "isolated", "foldbn", "fuse", "bf16", "fp16", "channels_last")
@@ -226,7 +226,7 @@ class Runner:
                 train_one_epoch(self.net, [self.batch], self.optimizer, torch.nn.MSELoss(), self.device, amp=p.amp,
                                 scaler=self.scaler, channels_last=p.channels_last, progress=False)
             else:
-                predict(self.net, [self.batch], self.device, amp=p.amp, channels_last=p.channels_last, progress=False)
+                infer(self.net, [self.batch], self.device, amp=p.amp, channels_last=p.channels_last, progress=False)
 
     def reference_step(self) -> None:
         """The body of the reference script's training or test loop, on the plain float32 model."""
@@ -433,7 +433,7 @@ def bench_accuracy(args, device: torch.device, train_names: list[str], eval_name
         model, net = build_model(path, device, state)
         loader = make_loader(data["test"], batch_size=args.batch_size, train=False, num_workers=0, device=device)
         with inductor_freezing(path.freeze):
-            preds = predict(net, loader, device, amp=path.amp, channels_last=path.channels_last, progress=False)
+            preds = infer(net, loader, device, amp=path.amp, channels_last=path.channels_last, progress=False)
         metrics = preds.metrics("tad66k", per_theme=False)
         return {"srcc": metrics["srcc"], "plcc": metrics["plcc"]}, preds.scores("tad66k")[0]
 
@@ -496,7 +496,7 @@ def machine(device: torch.device) -> str:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cpus()
     text = f"{cpu}, {cores} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
     if device.type == "cuda":
         text = f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}); host: {text}"

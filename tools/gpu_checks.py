@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import reporting  # noqa: E402
+import report  # noqa: E402
 from demo_data import ensure_demo_dataset  # noqa: E402
 from safe_io import atomic_save_json  # noqa: E402
 
@@ -72,7 +72,7 @@ class Checks:
 
 
 def read_predictions(path: Path) -> dict[str, float]:
-    table = reporting.read_predictions(path)
+    table = report.read_predictions(path)
     return dict(zip(table.names, table.pred.tolist()))
 
 

@@ -20,31 +20,18 @@ REPO_DIR = Path(__file__).resolve().parents[1]
 if str(REPO_DIR) not in sys.path:  # run as `python tools/prepare_cache.py`
     sys.path.insert(0, str(REPO_DIR))
 
+import option  # noqa: E402
 from cache import DEFAULT_CHUNK, build_cache  # noqa: E402
-from dataset import DataError, build_datasets, check_images_exist, resolve_csv_dir  # noqa: E402
-
-SPLITS = ("train", "val", "test")
+from console import one_line  # noqa: E402
+from dataset import DataError  # noqa: E402
+from run_data import SPLITS, build_run_datasets  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Decode and resize a dataset's images once into a cache for training.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="cache folder (one subfolder per split)")
-    p.add_argument("--dataset", choices=("tad66k", "ava", "csv", "demo"), default="demo")
-    p.add_argument("--variant", choices=("tad66k", "ava"), default=None,
-                   help="model variant (default: ava for --dataset ava, else tad66k)")
-    p.add_argument("--path_to_images", default=None, help="folder of the dataset's images")
-    p.add_argument("--path_to_save_csv", default=None, help="folder of the split CSVs (default: the dataset's)")
-    p.add_argument("--train_csv", default=None)
-    p.add_argument("--val_csv", default=None)
-    p.add_argument("--test_csv", default=None)
-    p.add_argument("--validation", choices=("split", "test"), default="split")
-    p.add_argument("--val_fraction", type=float, default=0.1)
-    p.add_argument("--split_seed", type=int, default=0, help="seed of the validation split (as main_nni.py's)")
-    p.add_argument("--score_range", type=float, nargs=2, default=(1.0, 10.0), metavar=("LO", "HI"))
-    p.add_argument("--skip_missing", action="store_true", help="leave out images missing from --path_to_images")
-    p.add_argument("--skip_bad", action="store_true", help="record undecodable images as bad instead of stopping")
-    p.add_argument("--demo_images", type=int, nargs=2, default=(480, 160), metavar=("TRAIN", "TEST"))
+    option.add_data_options(p)  # main_nni.py's data options: same names, same defaults
     p.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS), help="which splits to cache")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores; 0: this one)")
     p.add_argument("--chunk_size", type=int, default=DEFAULT_CHUNK, help="images per chunk (the unit of resuming)")
@@ -59,25 +46,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers is not None and args.workers < 0:
         print(f"prepare_cache.py: error: --workers must be >= 0, got {args.workers}", file=sys.stderr)
         return 2
-    variant = args.variant or ("ava" if args.dataset == "ava" else "tad66k")
     command = shlex.join(["python", "tools/prepare_cache.py", *argv])
+    out = Path(args.out)
     try:
-        sets = build_datasets(
-            args.dataset, variant=variant, image_dir=args.path_to_images,
-            csv_dir=resolve_csv_dir(args.dataset, args.path_to_save_csv),
-            validation=args.validation, val_fraction=args.val_fraction, seed=args.split_seed,
-            score_range=tuple(args.score_range), skip_bad=args.skip_bad, train_csv=args.train_csv,
-            val_csv=args.val_csv, test_csv=args.test_csv,
-            demo_options={"n_train": args.demo_images[0], "n_test": args.demo_images[1], "seed": 0})
-        for split in args.splits:
-            ds = check_images_exist(sets[split], skip_missing=args.skip_missing)
-            report = build_cache(ds, Path(args.out) / split, chunk_size=args.chunk_size, workers=args.workers,
+        sets = build_run_datasets(args, splits=args.splits, split_dir=Path(args.split_dir or out / "split"),
+                                  log_dir=out, use_cache=False, progress=not args.quiet)
+        for split, ds in sets.items():
+            report = build_cache(ds, out / split, chunk_size=args.chunk_size, workers=args.workers,
                                  progress=not args.quiet, command=command)
             print(f"{split}: {report.n_images} images in {report.path} ({len(report.built)} of {report.n_chunks} "
                   f"chunks built now, {report.reused} already done, {len(report.bad)} bad; "
                   f"{report.seconds:.1f} s)")
     except (DataError, ValueError) as exc:
-        print(f"prepare_cache.py: error: {exc}", file=sys.stderr)
+        print(f"prepare_cache.py: error: {one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("prepare_cache.py: interrupted; run the same command again to finish", file=sys.stderr)

@@ -1,7 +1,7 @@
 """Figures and an HTML report of what a trained TANet learned.
 
-    python report.py runs/demo-20250101-120000                      # a finished run folder
-    python report.py --checkpoint best.pth --dataset demo --out DIR  # a checkpoint on a test split
+    python -m report runs/demo-20250101-120000                      # a finished run folder
+    python -m report --checkpoint best.pth --dataset demo --out DIR  # a checkpoint on a test split
 
 Writes report.html, report/*.png and TensorBoard images (logs/) into the run folder (or DIR).
 Exit status: 0 on success, 1 when the report cannot be made, 2 for a usage error.
@@ -14,10 +14,10 @@ from collections.abc import Sequence
 
 from dataset import DataError
 from option import DATASETS, VARIANT_NAMES
-from reporting import ReportError, write_report, write_split_report
+from report import ReportError, write_report, write_split_report
 from safe_io import CheckpointError
 
-PROG = "report.py"
+PROG = "python -m report"
 # Data options that may override (or, for a released checkpoint, supply) the run's saved options.
 DATA_OPTIONS = ("dataset", "variant", "path_to_images", "path_to_save_csv", "test_csv", "eval_batch_size",
                 "demo_images", "score_range")
