@@ -330,7 +330,8 @@ def check_run_folder(args: argparse.Namespace, out: Path) -> None:
     if not args.resume:
         raise RunLockedError(f"{what}: pass --resume to continue it, or choose another folder, e.g. "
                              f"--experiment_dir_name {free_folder(out, '-2')}")
-    if not (out / f"{args.resume_from}.pth").is_file():
+    finished = [name for name in ("results.json", PREDICTIONS_CSV) if name in held]
+    if finished and not (out / f"{args.resume_from}.pth").is_file():
         raise RunLockedError(f"{what} but no {args.resume_from}.pth to resume from (a finished evaluation, or a "
                              f"run of 0 epochs); choose another folder, e.g. --experiment_dir_name "
                              f"{free_folder(out, '-2')}")

@@ -91,7 +91,7 @@ class _DyingFile:
 
 
 def install_hook(hook: tuple[str, str, int] | None) -> None:
-    """Patch safe_io's atomic writes (and main_nni's reference to them) to die at ``hook``."""
+    """Patch safe_io's atomic writes (and every module's reference to them) to die at ``hook``."""
     if hook is None:
         return
     kind, suffix, nth = hook
@@ -116,8 +116,9 @@ def install_hook(hook: tuple[str, str, int] | None) -> None:
                 yield dying
                 dying.flush()  # the whole body fitted under the limit: die with half of it on disk
 
-        safe_io.atomic_write = atomic_write  # atomic_torch_save and atomic_save_json look it up here
-        main_nni.atomic_write = atomic_write
+        for module in list(sys.modules.values()):  # safe_io (atomic_torch_save, atomic_save_json) and every importer
+            if getattr(module, "atomic_write", None) is real_atomic_write:
+                module.atomic_write = atomic_write
     elif kind in ("before_replace", "after_replace"):
         real_replace = os.replace
 
