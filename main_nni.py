@@ -33,6 +33,8 @@ from engine import (
     train_one_epoch,
 )
 from models import (
+    BRANCHES,
+    check_branches,
     PARAM_GROUPS,
     TANet,
     load_mobilenet_v2,
@@ -169,18 +171,22 @@ def build_model(args: argparse.Namespace, device: torch.device, weights: Path | 
     """TANet with the weights of ``weights`` (a TANet checkpoint), else the backbones of ``--backbones``."""
     unsafe = args.allow_unsafe_load
     if weights is not None:
-        model, _ = load_tanet(weights, variant=args.variant, theme_fusion=args.theme_fusion, allow_unsafe=unsafe,
-                              model_class=TANet)
+        model, _ = load_tanet(weights, variant=args.variant, branches=args.branches, theme_fusion=args.theme_fusion,
+                              allow_unsafe=unsafe, model_class=TANet)
         log.info("weights: %s", weights)
     elif args.backbones == "pretrained":
-        model = TANet(args.variant, theme_fusion=args.theme_fusion)
+        model = TANet(args.variant, theme_fusion=args.theme_fusion, branches=args.branches or BRANCHES)
         kw = {"directory": args.checkpoints_dir, "download_missing": args.download}
-        load_places365_resnet18(model, resolve_weights("resnet18_places365.pth.tar", **kw), allow_unsafe=unsafe)
+        if model.has_theme_network:
+            load_places365_resnet18(model, resolve_weights("resnet18_places365.pth.tar", **kw), allow_unsafe=unsafe)
         load_mobilenet_v2(model, resolve_weights("mobilenetv2.pth.tar", **kw), allow_unsafe=unsafe)
         log.info("backbones: Places365 ResNet-18 and ImageNet MobileNetV2")
     else:
-        model = TANet(args.variant, theme_fusion=args.theme_fusion)
+        model = TANet(args.variant, theme_fusion=args.theme_fusion, branches=args.branches or BRANCHES)
         log.info("backbones: random initialisation")
+    args.branches = list(model.branches)
+    if args.branches != list(BRANCHES):
+        log.info("branches: %s (the paper's ablation)", ", ".join(args.branches))
     model.freeze_theme_backbone()
     model.to(device)
     if args.channels_last:
@@ -227,7 +233,7 @@ def final_results(preds: Predictions, args, device: torch.device, split: str, ch
     if args.variant == "tad66k":
         metrics.pop("emd", None)
     return {**metrics, "split": split, "checkpoint": checkpoint, "dataset": args.dataset, "variant": args.variant,
-            "theme_fusion": args.theme_fusion, "eval_batch_size": args.eval_batch_size,
+            "theme_fusion": args.theme_fusion, "branches": args.branches, "eval_batch_size": args.eval_batch_size,
             "evaluation": evaluation_path(args, device), **extra}
 
 
@@ -273,6 +279,7 @@ def save_run_checkpoint(path: Path, model, optimizer, scaler, state: dict, args,
         "format": CHECKPOINT_FORMAT,
         "model": unwrap(model).state_dict(),
         "variant": args.variant,
+        "branches": list(unwrap(model).branches),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "options": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()},
@@ -512,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = parse_options(argv)
+        args.branches = list(check_branches(args.branches)) if args.branches else None
         rank, world, device = distributed_setup(args)
         args.amp = resolve_amp(args.amp, device)
     except ValueError as exc:

@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("run")
     run.add_argument("--device", type=str, default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     run.add_argument("--seed", type=int, default=0, help="seed of every random number generator")
+    run.add_argument("--branches", type=str, default=None,
+                     help="the branches of the model, comma-separated, among aesthetics,theme,rgb (the paper's "
+                          "ablation, Table 5; aesthetics always): default the full TANet, or the checkpoint's")
     run.add_argument("--theme_fusion", choices=("batch", "isolated"), default="batch",
                      help="batch: the reference (theme feature depends on batch-mates); isolated: every image alone")
     run.add_argument("--dist_backend", choices=("auto", "nccl", "gloo"), default="auto",

@@ -293,8 +293,9 @@ class Scorer:
         _check_options(target, theme_fusion, batch_size, amp, num_workers)  # before the slow part
         path = resolve_weights(weights, directory=checkpoints_dir, download_missing=download)
         try:
+            # isolated scores never run the theme ResNet and its heads: they are not built or loaded
             model, _ = load_tanet(path, variant=variant, theme_fusion=theme_fusion, allow_unsafe=allow_unsafe_load,
-                                  model_class=TANet)
+                                  theme_network=theme_fusion == "batch", model_class=TANet)
         except CheckpointError as exc:
             raise ScoringError(str(exc)) from None
         self._setup(model.to(target), target, theme_fusion, batch_size, amp, num_workers)

@@ -86,9 +86,10 @@ def fuse_conv_activations(model: nn.Module, dtype: torch.dtype = torch.float32) 
         raise RuntimeError(f"fused convolutions in {dtype} need a PyTorch build with oneDNN (mkldnn) and, for "
                            f"bfloat16, a CPU with AVX-512 or AVX-NE-CONVERT")
     fused = copy.deepcopy(model).eval()
-    if not all(_has_submodule(fused, name) for name in _BACKBONES):
+    backbones = [name for name in _BACKBONES if _has_submodule(fused, name)]  # a TANet has one or both
+    if not backbones:
         return _fuse_graph(fx.symbolic_trace(fused), dtype)
-    for name in _BACKBONES:
+    for name in backbones:
         parent, _, child = name.rpartition(".")
         setattr(fused.get_submodule(parent), child, _fuse_graph(fx.symbolic_trace(fused.get_submodule(name)), dtype))
     return fused

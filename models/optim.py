@@ -13,7 +13,8 @@ PARAM_GROUPS = ("res365_last", "mobileNet", "head", "head_rgb", "hypernet", "tyg
 
 
 def parameter_groups(model: nn.Module, lrs: Mapping[str, float]) -> list[dict]:
-    """``[{'params': ..., 'lr': lrs[name], 'name': name}, ...]`` for the six modules.
+    """``[{'params': ..., 'lr': lrs[name], 'name': name}, ...]`` for the six modules (those the
+    model has, when it leaves branches out).
 
     The theme ResNet keeps its group (and learning rate) although its parameters are
     frozen, as in the reference: Adam skips parameters that get no gradient.
@@ -23,7 +24,7 @@ def parameter_groups(model: nn.Module, lrs: Mapping[str, float]) -> list[dict]:
         raise ValueError(f"no learning rate for parameter groups {missing}")
     return [
         {"params": list(getattr(model, name).parameters()), "lr": float(lrs[name]), "name": name}
-        for name in PARAM_GROUPS
+        for name in PARAM_GROUPS if hasattr(model, name)  # the modules of the branches the model has
     ]
 
 

@@ -13,6 +13,21 @@ from .theme import THEME_FEATURES, HyperNet, TargetNet, places365_resnet18, pool
 
 FUSED_FEATURES = AESTHETICS_FEATURES + THEME_FEATURES + RGB_FEATURES  # 30
 THEME_FUSION_MODES = ("batch", "isolated")
+BRANCHES = ("aesthetics", "theme", "rgb")
+_THEME_KEYS = ("x_theme", "theme_logits", "theme_hidden", "theme_matrix")  # APNet, TUNet, RGBNet: the full TANet
+_BRANCH_FEATURES = {"aesthetics": AESTHETICS_FEATURES, "theme": THEME_FEATURES, "rgb": RGB_FEATURES}
+
+
+def check_branches(branches: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The branches of a TANet in their canonical order; ValueError unless they are known, distinct
+    and include "aesthetics" (APNet, which every variant of the paper's ablation keeps)."""
+    names = branches.split(",") if isinstance(branches, str) else list(branches)
+    names = [n.strip() for n in names if n.strip()]
+    unknown = [n for n in names if n not in BRANCHES]
+    if unknown or len(set(names)) != len(names) or "aesthetics" not in names:
+        raise ValueError(f"branches must be distinct names among {', '.join(BRANCHES)} including aesthetics, "
+                         f"got {','.join(names) or 'none'}")
+    return tuple(b for b in BRANCHES if b in names)
 
 
 @dataclass(frozen=True)
@@ -31,12 +46,13 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
-def fusion_head(outputs: int) -> nn.Sequential:
-    """``head`` ("L6"): ReLU, Dropout(0.75), Linear(30, k), then Sigmoid (k = 1) or Softmax (k = 10)."""
+def fusion_head(outputs: int, features: int = FUSED_FEATURES) -> nn.Sequential:
+    """``head`` ("L6"): ReLU, Dropout(0.75), Linear(30, k), then Sigmoid (k = 1) or Softmax (k = 10);
+    with fewer branches, Linear(10 per branch, k)."""
     return nn.Sequential(
         nn.ReLU(),
         nn.Dropout(p=0.75),
-        nn.Linear(FUSED_FEATURES, outputs),
+        nn.Linear(features, outputs),
         nn.Sigmoid() if outputs == 1 else nn.Softmax(dim=1),
     )
 
@@ -48,31 +64,41 @@ class TANet(nn.Module):
     distribution over the scores 1..10. Input: (B, 3, 224, 224), ImageNet-normalised.
     ``theme_fusion="batch"`` is the reference (an image's theme feature depends on its
     batch-mates); ``"isolated"`` scores every image as if it were alone in its batch.
+    ``branches`` picks the branches of the paper's ablation (Table 5): any of "aesthetics", "theme",
+    "rgb" that includes "aesthetics"; a branch left out is neither built nor run, and the fusion head
+    takes 10 features per branch. ``theme_network=False`` builds the theme branch without the
+    Places365 ResNet and its heads, for isolated scoring only (where they cannot change the result).
     """
 
-    def __init__(self, variant: str = "tad66k", theme_fusion: str = "batch") -> None:
+    def __init__(self, variant: str = "tad66k", theme_fusion: str = "batch", branches: tuple[str, ...] = BRANCHES,
+                 theme_network: bool = True) -> None:
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown TANet variant {variant!r}; expected one of {sorted(VARIANTS)}")
         self.variant = variant
         self.spec = VARIANTS[variant]
+        self.branches = check_branches(branches)
+        self.has_theme_network = "theme" in self.branches and bool(theme_network)
         self.theme_fusion = theme_fusion  # validated by the setter
         self._warned_lone_ava = False
 
         # The attribute names are the reference's: they are the checkpoint format.
         # Theme understanding (TUNet)
-        self.res365_last = places365_resnet18()
-        self.hypernet = HyperNet()
-        self.tygertnet = TargetNet()
-        self.avg = nn.AdaptiveAvgPool2d((THEME_FEATURES, 1))
+        if self.has_theme_network:
+            self.res365_last = places365_resnet18()
+            self.hypernet = HyperNet()
+            self.tygertnet = TargetNet()
+            self.avg = nn.AdaptiveAvgPool2d((THEME_FEATURES, 1))
         # RGB-distribution attention (RGBNet)
-        self.avg_RGB = nn.AdaptiveAvgPool2d((PATCH_GRID, PATCH_GRID))
+        if "rgb" in self.branches:
+            self.avg_RGB = nn.AdaptiveAvgPool2d((PATCH_GRID, PATCH_GRID))
         # Aesthetics perceiving (APNet)
         self.mobileNet = AestheticsBranch()
         self.softmax = nn.Softmax(dim=1)  # unused, kept from the reference
-        self.head_rgb = rgb_attention_head()
+        if "rgb" in self.branches:
+            self.head_rgb = rgb_attention_head()
         # Fusion
-        self.head = fusion_head(self.spec.outputs)
+        self.head = fusion_head(self.spec.outputs, sum(_BRANCH_FEATURES[b] for b in self.branches))
 
     # Readable aliases (properties, so the state_dict keeps the reference keys only).
     @property
@@ -91,15 +117,19 @@ class TANet(nn.Module):
     def theme_fusion(self, mode: str) -> None:
         if mode not in THEME_FUSION_MODES:
             raise ValueError(f"unknown theme_fusion {mode!r}; expected one of {THEME_FUSION_MODES}")
+        if mode == "batch" and "theme" in self.branches and not self.has_theme_network:
+            raise ValueError("this TANet was built without its theme network (theme_network=False): it scores "
+                             "with theme_fusion='isolated' only")
         self._theme_fusion = mode
 
     def freeze_theme_backbone(self) -> None:
-        """Freeze the Places365 ResNet's parameters, as the reference does for training.
+        """Freeze the Places365 ResNet's parameters, as the reference does for training (if it is built).
 
         Its BatchNorm running statistics still update in train mode (the reference
         calls ``model.train()`` on the whole model).
         """
-        self.res365_last.requires_grad_(False)
+        if self.has_theme_network:
+            self.res365_last.requires_grad_(False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_branches(x)["output"]
@@ -108,18 +138,21 @@ class TANet(nn.Module):
         """All intermediate features: ``x_aes``, ``x_theme``, ``x_rgb`` (each (B, 10)),
         ``rgb_similarity`` (B, 144, 144), ``theme_logits`` (B, 365), ``theme_hidden``
         (B, 100) and ``theme_matrix`` (B, B) (these three None when the theme ResNet is
-        skipped), and ``output``."""
-        similarity = rgb_similarity(self.avg_RGB(x))
-        x_rgb = self.head_rgb(similarity.flatten(1))
-        theme = self._theme_branch(x)
+        skipped), and ``output``; the features of a branch left out are None."""
+        similarity = x_rgb = None
+        if "rgb" in self.branches:
+            similarity = rgb_similarity(self.avg_RGB(x))
+            x_rgb = self.head_rgb(similarity.flatten(1))
+        theme = self._theme_branch(x) if "theme" in self.branches else dict.fromkeys(_THEME_KEYS)
         x_aes = self.mobileNet(x)
-        output = self.head(torch.cat([x_aes, theme["x_theme"], x_rgb], dim=1))
+        fused = [f for f in (x_aes, theme["x_theme"], x_rgb) if f is not None]
+        output = self.head(torch.cat(fused, dim=1))
         return {"x_aes": x_aes, "x_rgb": x_rgb, "rgb_similarity": similarity, **theme, "output": output}
 
     def _theme_branch(self, x: Tensor) -> dict[str, Tensor | None]:
         batch = x.shape[0]
         lone_ava = batch == 1 and self.spec.theme_normalise == "batchnorm"
-        if self.theme_fusion == "isolated" or lone_ava:
+        if self.theme_fusion == "isolated" or lone_ava or not self.has_theme_network:
             if lone_ava and self.theme_fusion == "batch" and not self._warned_lone_ava:
                 warnings.warn(
                     "TANet(variant='ava') got a batch of one image: the reference crashes here; "

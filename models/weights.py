@@ -17,7 +17,7 @@ from download import download
 from presets import WEIGHT_FILES
 from safe_io import CheckpointError, safe_torch_load
 
-from .tanet import VARIANTS, TANet
+from .tanet import BRANCHES, VARIANTS, TANet, check_branches
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINTS_ENV = "TANET_CHECKPOINTS"
@@ -142,16 +142,34 @@ def read_tanet_checkpoint(path: str | os.PathLike, *, allow_unsafe: bool = False
     return state, meta
 
 
-def load_tanet(path: str | os.PathLike, *, variant: str | None = None, theme_fusion: str = "batch",
-               allow_unsafe: bool = False, model_class: type[TANet] = TANet) -> tuple[TANet, dict]:
-    """The TANet of a checkpoint (released or ours) with its weights loaded strictly, and the
-    checkpoint's metadata (``variant`` and, for ours, ``options``, ``epoch``, ...).
+_THEME_NETWORK = ("res365_last.", "hypernet.", "tygertnet.")
 
-    The variant is read from the file; ``variant`` must agree with it, and is needed only when the
-    file cannot tell. CheckpointError naming both otherwise, or the keys that do not fit.
+
+def infer_branches(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
+    """The branches a TANet state_dict holds: its theme network's and RGB head's keys tell."""
+    has = {"theme": any(k.startswith(_THEME_NETWORK) for k in state_dict),
+           "rgb": any(k.startswith("head_rgb.") for k in state_dict)}
+    return tuple(b for b in BRANCHES if b == "aesthetics" or has.get(b))
+
+
+def load_tanet(path: str | os.PathLike, *, variant: str | None = None, branches: tuple[str, ...] | None = None,
+               theme_fusion: str = "batch", theme_network: bool = True, allow_unsafe: bool = False,
+               model_class: type[TANet] = TANet) -> tuple[TANet, dict]:
+    """The TANet of a checkpoint (released or ours) with its weights loaded strictly, and the
+    checkpoint's metadata (``variant``, ``branches`` and, for ours, ``options``, ``epoch``, ...).
+
+    The variant and the branches are read from the file; ``variant`` and ``branches`` must agree with
+    them (CheckpointError naming both), and the variant is needed only when the file cannot tell.
+    ``theme_network=False`` (isolated scoring) leaves the theme ResNet and its heads out: not built,
+    not loaded.
     """
     source = str(path)
     state, meta = read_tanet_checkpoint(path, allow_unsafe=allow_unsafe)
+    held = check_branches(meta["branches"]) if meta.get("branches") else infer_branches(state)
+    meta["branches"] = list(held)
+    if branches is not None and check_branches(branches) != held:
+        raise CheckpointError(f"checkpoint {source} is a TANet with the branches {','.join(held)}, but "
+                              f"{','.join(check_branches(branches))} were asked for (--branches)")
     known = meta.get("variant")
     if variant is not None and variant not in VARIANTS:
         raise CheckpointError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
@@ -162,8 +180,10 @@ def load_tanet(path: str | os.PathLike, *, variant: str | None = None, theme_fus
                               f"drop --variant (it is read from the checkpoint) or pick the right file")
     if known is None and variant is None:
         raise CheckpointError(f"the variant of checkpoint {source} cannot be told from the file; pass --variant")
-    model = model_class(known or variant, theme_fusion=theme_fusion)
+    model = model_class(known or variant, theme_fusion=theme_fusion, branches=held, theme_network=theme_network)
     hint = "" if any(k.startswith("mobileNet.") for k in state) else \
         "this does not look like a TANet checkpoint (a backbone file? use the backbone loaders)"
+    if "theme" in held and not getattr(model, "has_theme_network", True):
+        state = {k: v for k, v in state.items() if not k.startswith(_THEME_NETWORK)}
     load_checked(model, state, source, hint)
     return model, meta

@@ -249,12 +249,20 @@ def _figures(inp: _Inputs, attention: Sequence[int], device: torch.device) -> tu
     def scored(row: int) -> ScoredImage:
         return ScoredImage(preds.names[row], float(preds.true[row]), float(preds.pred[row]))
 
-    x, patches, similarity = rgb_attention_inputs(inp.model, dataset, [inp.row_index[r] for r in attention], device)
-    pngs["rgb_attention"] = figures.png_bytes(
-        figures.rgb_attention_figure([scored(r) for r in attention], x, patches, similarity))
+    if "rgb" in inp.model.branches:
+        x, patches, similarity = rgb_attention_inputs(inp.model, dataset, [inp.row_index[r] for r in attention],
+                                                      device)
+        pngs["rgb_attention"] = figures.png_bytes(
+            figures.rgb_attention_figure([scored(r) for r in attention], x, patches, similarity))
+    else:
+        inp.notes.append("The model has no RGB-attention branch: no RGB-attention figure.")
 
-    most_pos, most_neg = hidden_counts(run_pass.hidden)
-    pngs["hidden_nodes"] = figures.png_bytes(figures.hidden_nodes_figure(most_pos, most_neg, len(run_pass.index)))
+    most_pos = most_neg = np.zeros(0, dtype=int)
+    if run_pass.hidden is not None:
+        most_pos, most_neg = hidden_counts(run_pass.hidden)
+        pngs["hidden_nodes"] = figures.png_bytes(figures.hidden_nodes_figure(most_pos, most_neg, len(run_pass.index)))
+    else:
+        inp.notes.append("The model has no theme branch: no theme hidden-node figure.")
 
     order = [int(r) for r in np.argsort(-preds.pred, kind="stable")]
     k = max(1, min(N_THUMBNAILS, len(order) // 2))
@@ -268,7 +276,8 @@ def _figures(inp: _Inputs, attention: Sequence[int], device: torch.device) -> tu
         "per_theme": [vars(r) for r in rows],
         "model_pass": {"n_images": len(run_pass.index), "batch_size": inp.batch_size,
                        "hidden_most_positive": most_pos.tolist(), "hidden_most_negative": most_neg.tolist()},
-        "rgb_attention_images": [preds.names[r] for r in attention],
+        "branches": list(inp.model.branches),
+        "rgb_attention_images": [preds.names[r] for r in attention] if "rgb" in inp.model.branches else [],
         "best": [preds.names[r] for r in best], "worst": [preds.names[r] for r in worst],
         "rerun_max_difference": inp.rerun_diff,
     }
@@ -280,6 +289,7 @@ def _facts(checkpoint: Path, inp: _Inputs, data: Mapping, results: Mapping) -> l
     how = ", ".join([f"theme fusion {path['theme_fusion']}", "float32" if path["amp"] == "none" else path["amp"]]
                     + [k for k in ("fold_bn", "fuse_conv", "channels_last") if path[k]])
     facts = [("checkpoint", str(checkpoint)), ("variant", inp.model.variant),
+             ("branches", ", ".join(inp.model.branches)),
              ("test images scored", str(data["n_images"])), ("SRCC", figures.fmt(data["srcc"])),
              ("PLCC", figures.fmt(data["plcc"])),
              ("model pass", f"{data['model_pass']['n_images']} images, batches of {inp.batch_size} in file order, "

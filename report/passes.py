@@ -29,7 +29,7 @@ class ModelPass:
 
     index: list[int]
     output: np.ndarray  # (N, 1) or (N, 10)
-    hidden: np.ndarray  # (N, 100) theme hidden nodes
+    hidden: np.ndarray | None  # (N, 100) theme hidden nodes; None for a model without the theme branch
     path: dict  # EVALUATION_OPTIONS as used, and the batch size and device
 
     def pred(self, variant: str) -> np.ndarray:
@@ -69,14 +69,15 @@ def model_pass(model: TANet, dataset, *, batch_size: int, limit: int | None, dev
             warnings.simplefilter("ignore", RuntimeWarning)  # ava at batch size 1: the isolated value
             out = run.forward_branches(x)
             h = out["theme_hidden"]
-            if h is None:  # isolated fusion or a lone ava image: the hidden nodes do not depend on batch-mates
+            if h is None and "theme" in run.branches:  # isolated fusion or a lone ava image: per image anyway
                 h = run.tygertnet.hidden(run.res365_last(x))
         index += [int(i) for i in batch["index"]]
         outputs.append(out["output"].float().cpu().numpy())
-        hidden.append(h.float().cpu().numpy())
+        if h is not None:
+            hidden.append(h.float().cpu().numpy())
     if not index:
         raise ReportError(f"no image of {dataset.source} could be read for the model pass")
-    return ModelPass(index, np.concatenate(outputs), np.concatenate(hidden),
+    return ModelPass(index, np.concatenate(outputs), np.concatenate(hidden) if hidden else None,
                      {**path, "batch_size": batch_size, "device": str(device)})
 
 

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 import main_nni
 import safe_io
-from models import VARIANTS, TANet
+from models import BRANCHES, VARIANTS, TANet
 
 PARTIAL_BYTES = 1 << 20
 
@@ -35,10 +35,11 @@ class TinyTANet(TANet):
     It has what makes resuming non-trivial: BatchNorm statistics and dropout (torch's RNG).
     """
 
-    def __init__(self, variant: str = "tad66k", theme_fusion: str = "batch") -> None:
+    def __init__(self, variant: str = "tad66k", theme_fusion: str = "batch", **_: Any) -> None:
         nn.Module.__init__(self)
         self.variant = variant
         self.spec = VARIANTS[variant]
+        self.branches, self.has_theme_network = BRANCHES, True
         self.theme_fusion = theme_fusion
         self.res365_last = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
         self.hypernet = nn.Linear(4, 4)

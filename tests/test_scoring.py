@@ -15,7 +15,7 @@ from PIL import Image
 
 import scoring
 from dataset import build_transform, load_image
-from models import TANet
+from models import TANet, load_tanet
 from presets import RELEASED
 from scoring import ScoreResult, Scorer, ScoringError, ScoringWarning, collect_images, rank_results, write_results
 
@@ -205,8 +205,16 @@ def test_non_finite_output_is_an_error_not_a_score(tad_scorer):
     assert result.score is None and "non-finite" in result.error
 
 
-def test_from_model_scores_like_the_file_and_restores_the_model(tad_scorer, images, alone):
-    model = copy.deepcopy(tad_scorer.model)
+def test_isolated_scoring_never_builds_the_theme_network(tad_scorer, ckpts):
+    assert not tad_scorer.model.has_theme_network and not hasattr(tad_scorer.model, "res365_last")
+    with pytest.raises(ValueError, match="without its theme network"):
+        tad_scorer.model.theme_fusion = "batch"
+    batch = Scorer(ckpts / "tad66k.pth", device="cpu", theme_fusion="batch")
+    assert batch.model.has_theme_network
+
+
+def test_from_model_scores_like_the_file_and_restores_the_model(ckpts, images, alone):
+    model, _ = load_tanet(ckpts / "tad66k.pth")
     model.theme_fusion = "batch"
     model.train()
     scorer = Scorer.from_model(model)
