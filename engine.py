@@ -16,7 +16,7 @@ from cache import augment_batch
 from console import progress as progress_bar
 from models import conv_fusion_available, fold_batchnorm, fuse_conv_activations
 from presets import metric_scores, scores_1_to_10
-from util import emd_loss, emd_loss_reference, evaluation_metrics
+from util import correlation_undefined, emd_loss, emd_loss_reference, evaluation_metrics
 
 
 class NonFiniteError(FloatingPointError):
@@ -257,6 +257,9 @@ class Predictions:
         themes = self.theme if per_theme and any(self.theme) else None
         result = evaluation_metrics(pred, true, threshold=0.5 if variant == "tad66k" else 5.0, themes=themes, **dists)
         result["loss"] = self.loss_sum / max(len(self.index), 1)
+        reason = correlation_undefined(pred, true)
+        if reason:  # why SRCC and PLCC are NaN
+            result["undefined"] = {"srcc": reason, "plcc": reason}
         return result
 
 

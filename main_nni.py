@@ -232,6 +232,8 @@ def final_results(preds: Predictions, args, device: torch.device, split: str, ch
     metrics = preds.metrics(args.variant)
     if args.variant == "tad66k":
         metrics.pop("emd", None)
+    if "undefined" in metrics:  # a NaN SRCC/PLCC says why, in the log and in results.json
+        log.warning("test SRCC and PLCC are undefined: %s", metrics["undefined"]["srcc"])
     return {**metrics, "split": split, "checkpoint": checkpoint, "dataset": args.dataset, "variant": args.variant,
             "theme_fusion": args.theme_fusion, "branches": args.branches, "eval_batch_size": args.eval_batch_size,
             "evaluation": evaluation_path(args, device), **extra}
@@ -376,6 +378,8 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device, o
             save_predictions(preds, args.variant, out / PREDICTIONS_CSV)
             atomic_save_json(results, out / "results.json")
             make_report(out, args, device, str(weights))
+            if in_experiment():
+                report_to_nni(results, args, final=True)
         log.info("test: %s (%d images)", summary(results), results["n_images"])
         return results
 
@@ -428,7 +432,7 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device, o
         state["epoch"] = epoch + 1
         state["history"].append({"epoch": epoch + 1, "train_loss": train_loss, "seconds": seconds,
                                  "train_images_per_s": round(len(data["train"]) / train_seconds, 1),
-                                 **{f"val_{k}": v for k, v in val.items() if k != "per_theme"}})
+                                 **{f"val_{k}": v for k, v in val.items() if k not in ("per_theme", "undefined")}})
         rng = all_rng_states(world)
         if is_main:
             if improved:
@@ -444,9 +448,7 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device, o
                 writer.add_scalar(f"lr/{group['name']}", group["lr"], epoch + 1)
             writer.flush()
             if in_experiment():
-                nni.report_intermediate_result({"default": _finite(value), "srcc": _finite(val["srcc"]),
-                                                "plcc": _finite(val["plcc"]), "accuracy": val["accuracy"],
-                                                "loss": val["loss"]})
+                report_to_nni(val, args, final=False)
     if writer is not None:
         writer.close()
 
@@ -467,15 +469,31 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device, o
         save_predictions(preds, args.variant, out / PREDICTIONS_CSV)
         atomic_save_json(results, out / "results.json")
         log.info("test (best epoch %s): %s (%d images)", state["best_epoch"], summary(results), results["n_images"])
-        if in_experiment():
-            nni.report_final_result({"default": _finite(results[args.metric]), "srcc": _finite(results["srcc"]),
-                                     "plcc": _finite(results["plcc"]), "accuracy": results["accuracy"]})
         make_report(out, args, device, None)
+        if in_experiment():
+            report_to_nni(results, args, final=True)
     return results
 
 
-def _finite(x: float) -> float:
-    return x if not math.isnan(x) else 0.0  # NNI's tuners cannot take NaN; the results file keeps it
+class UndefinedMetricError(ValueError):
+    """The test metric an NNI trial reports is undefined (NaN): the trial fails rather than report a number."""
+
+
+def report_to_nni(metrics: dict, args: argparse.Namespace, final: bool) -> None:
+    """Report an epoch's validation metrics (intermediate) or the test's (final) to NNI, ``default`` being
+    ``--metric``. NaN is never reported as a number: an undefined epoch is skipped, an undefined final
+    result fails the trial (UndefinedMetricError), so it cannot pass for a real 0."""
+    value = metrics[args.metric]
+    if math.isnan(value):
+        why = (metrics.get("undefined") or {}).get(args.metric, "not a number")
+        if final:
+            raise UndefinedMetricError(f"test {args.metric} is undefined ({why}): not reported to NNI, so the "
+                                       f"trial is marked failed; the results are in results.json")
+        log.warning("validation %s is undefined (%s): not reported to NNI for this epoch", args.metric, why)
+        return
+    keys = ("srcc", "plcc", "accuracy") + (() if final else ("loss",))
+    payload = {"default": value, **{k: metrics[k] for k in keys if k in metrics and math.isfinite(metrics[k])}}
+    (nni.report_final_result if final else nni.report_intermediate_result)(payload)
 
 
 def lock_run_folder(out: Path, option_given: bool) -> RunLock:
@@ -547,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", interrupted(args, argv, out, status))
         return 130
     except (DataError, CheckpointError, RunLockedError, NonFiniteError, OSError, ValueError,
-            DownloadError) as exc:
+            DownloadError) as exc:  # UndefinedMetricError is a ValueError
         log.error("error: %s", one_line(exc))
         return 1
     finally:

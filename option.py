@@ -49,6 +49,22 @@ DATASET_DEFAULTS: dict[str, dict[str, object]] = {
 CHECK_IMAGES = ("decode", "exists", "none")
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
 def add_data_options(p: argparse.ArgumentParser) -> None:
     """The options that say which images and CSVs a run uses (shared by every script that builds the
     splits: main_nni.py, tools/prepare_cache.py)."""

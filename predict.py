@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from console import one_line, safe_text
+from option import non_negative_int, positive_int
 from scoring import (
     AMP_MODES,
     NO_WEIGHTS_HELP,
@@ -33,20 +34,6 @@ from runtime import ALLOCATORS, default_loader_workers, tune_cpu_allocator
 
 PROG = "predict.py"
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,15 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--sort", choices=SORT_ORDERS, default=None,
                    help="order by score (default: input order; best-first for --top, worst-first for --bottom)")
     only = o.add_mutually_exclusive_group()
-    only.add_argument("--top", type=_positive, default=None, metavar="N", help="report only the N best images")
-    only.add_argument("--bottom", type=_positive, default=None, metavar="N", help="report only the N worst images")
+    only.add_argument("--top", type=positive_int, default=None, metavar="N", help="report only the N best images")
+    only.add_argument("--bottom", type=positive_int, default=None, metavar="N", help="report only the N worst images")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
     r = p.add_argument_group("run")
     r.add_argument("--theme_fusion", choices=("isolated", "batch"), default="isolated",
                    help="isolated (default): every image scored alone; "
                         "batch: the reference (scores depend on batch-mates)")
-    r.add_argument("--batch_size", type=_positive, default=32, help="images per forward pass (default: 32)")
-    r.add_argument("--num_workers", type=_non_negative, default=default_loader_workers(4),
+    r.add_argument("--batch_size", type=positive_int, default=32, help="images per forward pass (default: 32)")
+    r.add_argument("--num_workers", type=non_negative_int, default=default_loader_workers(4),
                    help="image-loading processes (default: min(4, CPU cores))")
     r.add_argument("--device", default="auto", help="auto (CUDA when present; the default), cpu, cuda or cuda:N")
     r.add_argument("--amp", choices=AMP_MODES, default="none",
@@ -93,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--allocator", choices=ALLOCATORS, default="tuned",
                    help="on the CPU, tuned (default): freed tensor memory is kept for the next batch instead of "
                         "unmapped (same scores, less system time); system: glibc's default")
-    r.add_argument("--threads", type=_positive, default=None,
+    r.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads of the model (default: PyTorch's; 1 can be faster on a small or busy CPU)")
     return p
 

@@ -129,11 +129,6 @@ def scan_folder(folder: str | os.PathLike, *, recursive: bool = False, follow_sy
     return found
 
 
-def images_in_folder(folder: str | os.PathLike, *, recursive: bool = False) -> list[str]:
-    """The image files of a folder, sorted (``scan_folder``'s images, links out of it included)."""
-    return [str(p) for p in scan_folder(folder, recursive=recursive, follow_symlinks=True)]
-
-
 def _read_text(path: Path) -> str:
     try:
         data = path.read_bytes()

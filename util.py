@@ -20,7 +20,7 @@ NUM_BINS = 10  # AVA score distributions: votes for scores 1..10
 __all__ = [
     "NUM_BINS", "srcc", "plcc", "accuracy", "mse", "emd", "emd_loss", "emd_loss_reference",
     "distribution_mean", "distribution_std", "srcc_accuracy_ratio", "per_theme_metrics",
-    "evaluation_metrics",
+    "evaluation_metrics", "correlation_undefined",
 ]
 
 
@@ -65,7 +65,7 @@ def _nonfinite_reason(*arrays: np.ndarray) -> str | None:
     return None
 
 
-def _correlation_undefined(p: np.ndarray, t: np.ndarray) -> str | None:
+def correlation_undefined(p: np.ndarray, t: np.ndarray) -> str | None:
     """Why a correlation of p and t cannot be computed, or None when it can."""
     if p.size < 2:
         return f"needs at least 2 items, got {p.size}"
@@ -94,14 +94,14 @@ def _plcc(p: np.ndarray, t: np.ndarray) -> float:
 def srcc(pred: Any, true: Any) -> float:
     """Spearman rank correlation; NaN (with one RuntimeWarning) when undefined."""
     p, t = _score_pair(pred, true)
-    reason = _correlation_undefined(p, t)
+    reason = correlation_undefined(p, t)
     return _warn_nan("SRCC", reason) if reason else _srcc(p, t)
 
 
 def plcc(pred: Any, true: Any) -> float:
     """Pearson linear correlation; NaN (with one RuntimeWarning) when undefined."""
     p, t = _score_pair(pred, true)
-    reason = _correlation_undefined(p, t)
+    reason = correlation_undefined(p, t)
     return _warn_nan("PLCC", reason) if reason else _plcc(p, t)
 
 
@@ -248,7 +248,7 @@ def per_theme_metrics(pred: Any, true: Any, themes: Sequence[Any]) -> dict[str, 
     for theme in sorted(groups):
         idx = np.asarray(groups[theme])
         tp, tt = p[idx], t[idx]
-        reason = _correlation_undefined(tp, tt)
+        reason = correlation_undefined(tp, tt)
         if reason:
             warnings.warn(f"SRCC/PLCC of theme {theme!r} are undefined ({reason}); returning NaN",
                           RuntimeWarning, stacklevel=2)

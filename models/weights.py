@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from download import download
+from download import DownloadError, download
 from presets import WEIGHT_FILES
 from safe_io import CheckpointError, safe_torch_load
 
@@ -56,7 +56,11 @@ def resolve_weights(
             f"{entry.name} is not in {local.parent}; download it from {entry.url} "
             f"into that folder, or pass --download to fetch it"
         )
-    return download(entry.url, local, sha256=sha256 or entry.sha256, progress=progress)
+    try:
+        return download(entry.url, local, sha256=sha256 or entry.sha256, progress=progress)
+    except DownloadError as exc:
+        raise DownloadError(f"{exc}; get {entry.name} from {entry.url} by other means and put it into "
+                            f"{local.parent} (or the folder of --checkpoints_dir)") from None
 
 
 def infer_variant(state_dict: Mapping[str, torch.Tensor]) -> str | None:

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from dataset import DataError
-from option import DATASETS, VARIANT_NAMES
+from option import DATASETS, VARIANT_NAMES, positive_int
 from report import ReportError, write_report, write_split_report
 from safe_io import CheckpointError
 
@@ -21,13 +21,6 @@ PROG = "python -m report"
 # Data options that may override (or, for a released checkpoint, supply) the run's saved options.
 DATA_OPTIONS = ("dataset", "variant", "path_to_images", "path_to_save_csv", "test_csv", "eval_batch_size",
                 "demo_images", "score_range")
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TANet checkpoint (default: the run's best.pth, else last.pth); without RUN_DIR, the "
                         "checkpoint is scored on the test split of its saved options or of --dataset")
     p.add_argument("--out", default=None, help="output folder when there is no RUN_DIR")
-    p.add_argument("--max_images", type=_positive, default=None,
+    p.add_argument("--max_images", type=positive_int, default=None,
                    help="cap the model pass (theme hidden nodes; without RUN_DIR every figure) at the first N "
                         "test images (default: all)")
     p.add_argument("--attention_images", nargs="+", default=None, metavar="NAME",
@@ -56,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--path_to_images", default=None, help="folder of the dataset's images")
     d.add_argument("--path_to_save_csv", default=None, help="folder of the split CSVs")
     d.add_argument("--test_csv", default=None, help="--dataset csv: the test CSV")
-    d.add_argument("--eval_batch_size", type=_positive, default=None,
+    d.add_argument("--eval_batch_size", type=positive_int, default=None,
                    help="batch size of the model pass (theme fusion is over the batch)")
     d.add_argument("--demo_images", type=int, nargs=2, default=None, metavar=("TRAIN", "TEST"))
     d.add_argument("--score_range", type=float, nargs=2, default=None, metavar=("LO", "HI"))

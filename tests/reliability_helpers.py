@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pathlib
 import signal
 import sys
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 
 import main_nni
@@ -26,6 +29,38 @@ import safe_io
 from models import BRANCHES, VARIANTS, TANet
 
 PARTIAL_BYTES = 1 << 20
+
+
+class MarkerPayload:
+    """Unpickles to a call of pathlib.Path.touch(marker): loading it runs code (an untrusted pickle)."""
+
+    def __init__(self, marker: pathlib.Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.marker,))
+
+
+def write_jpeg(path: pathlib.Path, seed: int) -> pathlib.Path:
+    """A 24x24 random JPEG."""
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(path, "JPEG")
+    return path
+
+
+def write_csv_data(folder: pathlib.Path, n: int, themes: str) -> pathlib.Path:
+    """folder/images with n JPEGs, folder/train.csv and folder/test.csv (image,score,theme) listing them all
+    (themes cycling through the letters of ``themes``); returns folder."""
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        write_jpeg(images / f"im{i}.jpg", i)
+        rows.append(f"im{i}.jpg,{2 + i},{themes[i % len(themes)]}")
+    text = "image,score,theme\n" + "\n".join(rows) + "\n"
+    for name in ("train.csv", "test.csv"):
+        (folder / name).write_text(text)
+    return folder
 
 
 class TinyTANet(TANet):

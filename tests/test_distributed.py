@@ -12,6 +12,8 @@ import pytest
 
 import main_nni
 
+pytestmark = pytest.mark.slow  # 2-process torchrun jobs
+
 REPO = Path(__file__).resolve().parent.parent
 # Evaluation batches of 6: 16 test images make 3 batches, so the two ranks get unequal numbers of them.
 COMMON = ["--dataset", "demo", "--demo_images", "48", "16", "--max_images", "16", "--batch_size", "4",

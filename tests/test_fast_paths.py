@@ -150,6 +150,7 @@ def test_cuda_autocast_stays_close_to_fp32(amp):
     assert loss == loss and loss < 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
                     reason="torch.compile on the CPU needs a C++ compiler")
 def test_compiled_model_matches_eager():
@@ -214,6 +215,7 @@ def test_benchmark_reference_loop_computes_what_the_fp32_path_computes():
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
 
 
+@pytest.mark.slow
 def test_benchmark_writes_the_report(tmp_path, capsys):
     bench = _benchmark_tool()
     out = tmp_path / "bench.json"

@@ -11,17 +11,8 @@ import zipfile
 import pytest
 import torch
 
+from reliability_helpers import MarkerPayload
 import safe_io
-
-
-class MarkerPayload:
-    """Pickles to a call of pathlib.Path.touch(marker): loading it runs code."""
-
-    def __init__(self, marker: pathlib.Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (pathlib.Path.touch, (self.marker,))
 
 
 def listing(folder: pathlib.Path) -> list[str]:

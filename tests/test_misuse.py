@@ -12,37 +12,22 @@ import sys
 import textwrap
 import time
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import main_nni
 import predict
-from reliability_helpers import TinyTANet
+from reliability_helpers import TinyTANet, write_csv_data, write_jpeg
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def write_jpeg(path: pathlib.Path, seed: int) -> pathlib.Path:
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(path, "JPEG")
-    return path
 
 
 @pytest.fixture
 def data(tmp_path):
     """D/imgs with 8 JPEGs, D/train.csv and D/test.csv (image,score,theme) over them."""
-    images = tmp_path / "imgs"
-    images.mkdir()
-    rows = []
-    for i in range(8):
-        write_jpeg(images / f"im{i}.jpg", i)
-        rows.append(f"im{i}.jpg,{2 + i},{'ab'[i % 2]}")
-    text = "image,score,theme\n" + "\n".join(rows) + "\n"
-    for name in ("train.csv", "test.csv"):
-        (tmp_path / name).write_text(text)
-    return tmp_path
+    folder = write_csv_data(tmp_path, 8, "ab")
+    (folder / "images").rename(folder / "imgs")
+    return folder
 
 
 @pytest.fixture
@@ -159,6 +144,7 @@ def capped_read(path: pathlib.Path) -> tuple[str, float]:
     return done.stdout.strip(), time.monotonic() - started
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["wide_header", "wide_row", "no_image_column", "many_columns", "too_large"])
 def test_huge_csvs_are_refused_in_bounded_time_memory_and_words(tmp_path, kind):
     path = tmp_path / f"{kind}.csv"
@@ -251,7 +237,7 @@ def test_ctrl_c_prints_one_line_with_the_resume_command(data, tmp_path):
     out = tmp_path / "R"
     script = textwrap.dedent("""
         import sys, time, main_nni, engine
-        from reliability_helpers import TinyTANet
+        from reliability_helpers import TinyTANet, write_csv_data, write_jpeg
         main_nni.TANet = TinyTANet
         real = engine.train_one_epoch
         def slow(*a, **k):

@@ -1,4 +1,5 @@
-"""A real NNI experiment: nnictl create with the CPU demo config, two trials, every one must succeed."""
+"""A real NNI experiment: nnictl create with the CPU demo config (its cache and fast paths), cut to two
+trials on a few images; every one must succeed."""
 from __future__ import annotations
 
 import json
@@ -34,13 +35,22 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+@pytest.mark.slow
 def test_nni_demo_experiment_runs_two_successful_trials(demo_root, tmp_path):
+    data = ["--dataset", "demo", "--demo_images", "48", "16", "--path_to_save_csv", str(demo_root)]
+    built = subprocess.run([sys.executable, str(REPO / "tools" / "prepare_cache.py"), *data, "--out",
+                            str(tmp_path / "cache"), "--quiet"], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
     text = (REPO / "experiments" / "config_demo_cpu.yml").read_text()
-    extra = f" --demo_images 48 16 --path_to_save_csv {demo_root}"
     lines = []
     for line in text.splitlines():
         if line.startswith("trialCommand:"):
-            line += extra
+            assert "--cache_dir data/demo_cache" in line and "--demo_images 600 160" in line
+            line = line.replace("--cache_dir data/demo_cache", f"--cache_dir {tmp_path / 'cache'}")
+            line = line.replace("--demo_images 600 160", f"--demo_images 48 16 --path_to_save_csv {demo_root}")
+            line = line.replace("--num_epoch 2", "--num_epoch 1")
+        elif line.startswith("maxTrialNumber:"):
+            line = "maxTrialNumber: 2"
         elif line.startswith("searchSpaceFile:"):
             line = f"searchSpaceFile: {REPO / 'experiments' / 'search_space_demo.json'}"
         elif line.startswith("trialCodeDirectory:"):

@@ -35,7 +35,7 @@ import main_nni
 import safe_io
 from dataset import DataError
 from engine import NonFiniteError
-from reliability_helpers import TinyTANet
+from reliability_helpers import MarkerPayload, TinyTANet, write_csv_data
 
 FUZZ = settings(max_examples=80, deadline=timedelta(seconds=5), derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -43,24 +43,10 @@ FUZZ = settings(max_examples=80, deadline=timedelta(seconds=5), derandomize=True
 
 # --------------------------------------------------------------------------- a tiny CSV data set
 
-def write_jpeg(path: pathlib.Path, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(path, "JPEG")
-
-
 @pytest.fixture
 def data(tmp_path):
     """image,score CSVs of 6 images (3 themes) and their folder."""
-    images = tmp_path / "images"
-    images.mkdir()
-    rows = []
-    for i in range(6):
-        write_jpeg(images / f"im{i}.jpg", i)
-        rows.append(f"im{i}.jpg,{2 + i},{'abc'[i % 3]}")
-    text = "image,score,theme\n" + "\n".join(rows) + "\n"
-    for name in ("train.csv", "test.csv"):
-        (tmp_path / name).write_text(text)
-    return tmp_path
+    return write_csv_data(tmp_path, 6, "abc")
 
 
 @pytest.fixture
@@ -92,16 +78,6 @@ def save_tiny_checkpoint(path: pathlib.Path, **extra) -> None:
 
 
 # --------------------------------------------------------------------------- untrusted checkpoints
-
-class MarkerPayload:
-    """Unpickles to a call of pathlib.Path.touch(marker): loading it runs code."""
-
-    def __init__(self, marker: pathlib.Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (pathlib.Path.touch, (self.marker,))
-
 
 def test_code_running_weight_file_is_refused_by_main_and_never_runs(data, tmp_path, tiny, capsys):
     marker, evil = tmp_path / "pwned", tmp_path / "evil.pth"

@@ -31,7 +31,8 @@ import safe_io
 from reliability_helpers import TinyTANet, run_main
 from safe_io import safe_torch_load
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="SIGKILL and the forkserver: Linux only")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(sys.platform != "linux", reason="SIGKILL and the forkserver: Linux only")]
 
 REPO = Path(__file__).resolve().parent.parent
 N_TEST = 4

@@ -29,6 +29,9 @@ SIZES = (1_000, 10_000)
 # (a few hundred bytes per image) may grow.
 MAX_GROWTH_MIB = 40
 
+pytestmark = pytest.mark.slow  # whole predict.py runs in child processes
+
+
 
 @pytest.fixture(scope="module")
 def image_lists(tmp_path_factory):

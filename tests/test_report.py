@@ -6,7 +6,6 @@ import io
 import json
 import shutil
 import math
-import shutil
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path

@@ -201,16 +201,16 @@ def test_system_allocator_option(trained, demo_root, tmp_path, monkeypatch):
 
 def test_amp_auto_is_resolved_and_logged(demo_root, tmp_path, monkeypatch):
     """--amp auto (the demo's) runs bf16 only where the CPU has bfloat16 instructions; an explicit bf16
-    on a CPU without them runs, with a warning in the log."""
+    on a CPU without them runs, with a warning in the log. (2 test images: bf16 may be emulated here.)"""
     for native in (False, True):
         monkeypatch.setattr(main_nni, "cpu_has_native_bf16", lambda: native)
         monkeypatch.setattr("runtime.cpu_has_native_bf16", lambda: native)
         out = tmp_path / f"auto{native}"
-        assert run_main(demo_root, out, "--num_epoch", "0") == 0
+        assert run_main(demo_root, out, "--num_epoch", "0", "--max_images", "2") == 0
         saved = json.loads((out / "results.json").read_text())
         assert "precision: " + ("bf16" if native else "float32") in (out / "train.log").read_text()
-        assert saved["n_images"] == 16
+        assert saved["n_images"] == 2 and saved["evaluation"]["amp"] == ("bf16" if native else "none")
     monkeypatch.setattr(main_nni, "cpu_has_native_bf16", lambda: False)
     out = tmp_path / "forced"
-    assert run_main(demo_root, out, "--num_epoch", "0", "--amp", "bf16", "--no-fuse_conv") == 0
+    assert run_main(demo_root, out, "--num_epoch", "0", "--amp", "bf16", "--no-fuse_conv", "--max_images", "2") == 0
     assert "emulated on this CPU" in (out / "train.log").read_text()

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import http.server
-import pathlib
 import threading
 
 import pytest
 import torch
 
 import presets
+from reliability_helpers import MarkerPayload
 from models import (
     PARAM_GROUPS,
     TANet,
@@ -92,19 +92,11 @@ def test_backbone_file_given_as_tanet_checkpoint_is_explained(tmp_path, donor):
         load_mobilenet_v2(TANet("tad66k"), path)
 
 
-class _Payload:
-    def __init__(self, marker: pathlib.Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (pathlib.Path.touch, (self.marker,))
-
-
 def test_pickle_payload_is_refused_and_never_runs(tmp_path, donor):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
     state = dict(donor["tad66k"].state_dict())
-    torch.save({"state_dict": state, "x": _Payload(marker)}, path)
+    torch.save({"state_dict": state, "x": MarkerPayload(marker)}, path)
     with pytest.raises(UnsafeCheckpointError, match="--allow_unsafe_load"):
         load_tanet(path)
     assert not marker.exists()
