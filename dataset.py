@@ -1,5 +1,5 @@
-"""Data loading for TANet: CSV readers with validation, robust image loading, the reference's
-transforms, TAD66K-format and AVA datasets, missing-image checks and the validation split."""
+"""The data sets of TANet: CSV readers with limits and validation, the reference's transforms,
+TAD66K-format and AVA datasets, and the validation split. Images themselves: ``images.py``."""
 
 from __future__ import annotations
 
@@ -20,10 +20,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, ImageOps
 from torch.utils.data import Dataset, default_collate
-from torchvision import transforms
 
+from images import DataError, EvalTransform, Resize, link_leaves_folder, load_image
 from presets import IMAGENET_MEAN, IMAGENET_STD, TRANSFORMS
 from safe_io import atomic_save_json, atomic_write, sha256_file
 
@@ -38,125 +37,27 @@ AVA_VOTE_COLUMNS = tuple(f"score{i}" for i in range(2, 12))  # score2 = votes fo
 AVA_TAG_COLUMNS = ("tag1", "tag2", "tag3")
 AVA_COLUMNS = ("image_id",) + AVA_VOTE_COLUMNS + AVA_TAG_COLUMNS
 SPLIT_INFO = "split_info.json"
-# Raster formats we open; others (EPS via Ghostscript, PDF, ...) are refused as not images.
-IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "DIB", "GIF", "TIFF", "WEBP", "PPM", "TGA", "JPEG2000")
 _MAX_LISTED = 5  # names quoted in an error message
-
-
-class DataError(ValueError):
-    """Bad data: a CSV, row or image file that cannot be used (the message names it)."""
-
-
-# --------------------------------------------------------------------------- images
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode -> RGB, as load_image converts files: transparency composited onto white,
-    16-bit values / 257, 32-bit ints as 8-bit if <= 255 else as 16-bit, floats in 0..1 times 255.
-
-    ValueError for a mode Pillow cannot convert.
-    """
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        a = np.asarray(img)
-        if mode.startswith("I;16"):
-            a = a.astype(np.float64) / 257.0  # 0..65535 -> 0..255
-        elif mode == "F":  # floats: 0..1 if they fit, else taken as 0..255 values
-            a = a.astype(np.float64)
-            finite_max = np.nanmax(a) if a.size and np.isfinite(a).any() else 0.0
-            a = a * 255.0 if finite_max <= 1.0 else a
-        else:  # 32-bit ints: 8-bit values if they fit, else 16-bit (PNG/TIFF), else min-max
-            a = a.astype(np.float64)
-            top = a.max() if a.size else 0
-            if top > 65535:
-                low = a.min()
-                a = (a - low) * (255.0 / (top - low))
-            elif top > 255:
-                a = a / 257.0
-        a = np.nan_to_num(a, nan=0.0, posinf=255.0, neginf=0.0)
-        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
-    if mode == "P":
-        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
-    elif mode in ("LA", "PA", "RGBa"):
-        img = img.convert("RGBA")
-    if img.mode == "RGBA":
-        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, img).convert("RGB")
-    return img.convert("RGB")
-
-
-_to_rgb = to_rgb  # older name, still imported elsewhere
-
-
-def _open_formats() -> tuple[str, ...]:
-    Image.init()  # registers every plugin, so the names below are known
-    return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
-
-
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image file fully decoded, EXIF-oriented, in RGB; DataError naming the file if it
-    is missing, empty, not an image, truncated or a decompression bomb.
-
-    Alpha is composited onto white; 16-bit images are scaled to 8 bits (value / 257).
-    """
-    p = Path(path)
-    try:
-        if not p.is_file():
-            raise DataError(f"image file {p} not found" if not p.exists() else f"image path {p} is not a file")
-        if p.stat().st_size == 0:
-            raise DataError(f"image file {p} is empty (0 bytes)")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(p, formats=_open_formats()) as img:
-                img.load()
-                oriented = ImageOps.exif_transpose(img)
-                try:
-                    rgb = to_rgb(oriented)
-                except ValueError as exc:
-                    raise DataError(f"image file {p} has pixel format {oriented.mode!r}, which cannot be "
-                                    f"converted to RGB: {exc}") from None
-        return rgb
-    except DataError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DataError(f"image file {p} refused as a possible decompression bomb: {exc}") from None
-    except Image.UnidentifiedImageError:
-        raise DataError(f"image file {p} is not a readable image (corrupt, or not one of "
-                        f"{', '.join(IMAGE_FORMATS)})") from None
-    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for broken files
-        raise DataError(f"image file {p} could not be decoded (truncated or corrupt?): "
-                        f"{type(exc).__name__}: {exc}") from None
 
 
 # --------------------------------------------------------------------------- transforms
 
-class PilResize:
-    """PIL `img.resize(size)` with Pillow's default filter (the reference's AVA preprocessing)."""
-
-    def __init__(self, size: tuple[int, int] = (224, 224)) -> None:
-        self.size = tuple(size)
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        return img.resize(self.size)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(size={self.size})"
-
-
-def build_transform(style: str, train: bool) -> transforms.Compose:
+def build_transform(style: str, train: bool) -> Any:
     """The reference transform of a data style ("tad66k" or "ava", ``presets.TRANSFORMS``) for
     training or evaluation: TAD66K Resize((256,256)), RandomHorizontalFlip, RandomCrop(224) /
-    Resize((224,224)); AVA PIL resize((224,224)) [, RandomHorizontalFlip]; then ToTensor, Normalize."""
+    Resize((224,224)); AVA PIL resize((224,224)) [, RandomHorizontalFlip]; then ToTensor, Normalize.
+    Evaluation: ``images.EvalTransform``; training: a torchvision Compose (imported only then)."""
+    if not train:
+        return EvalTransform(style)
     if style not in TRANSFORMS:
         raise ValueError(f"transform style must be 'tad66k' or 'ava', got {style!r}")
+    from torchvision import transforms  # here: evaluation and scoring need no torchvision
+
     spec = TRANSFORMS[style]
-    height, width = spec.train_size if train else spec.eval_size
-    steps: list[Any] = [transforms.Resize((height, width)) if spec.resizer == "torchvision" else PilResize((width, height))]
-    if train:
-        steps.append(transforms.RandomHorizontalFlip())
-        if spec.train_crop:
-            steps.append(transforms.RandomCrop(spec.train_crop))
+    resize = transforms.Resize(spec.train_size) if spec.resizer == "torchvision" else Resize(spec.train_size)
+    steps: list[Any] = [resize, transforms.RandomHorizontalFlip()]
+    if spec.train_crop:
+        steps.append(transforms.RandomCrop(spec.train_crop))
     return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
@@ -427,13 +328,6 @@ def _image_path(image_dir: str, name: str, allow_outside: bool) -> str:
 def resolve_image_path(image_dir: str | os.PathLike, name: str, *, allow_outside: bool = False) -> Path:
     """image_dir / name; DataError if name is absolute or climbs out of image_dir (unless allow_outside)."""
     return Path(_image_path(os.fspath(image_dir), name, allow_outside))
-
-
-def link_leaves_folder(path: str, real_root: str) -> str | None:
-    """Where ``path`` really is, when a symbolic link (of the file or of a folder on its way) takes it
-    out of the folder whose real path is ``real_root``; None when it stays inside."""
-    real = os.path.realpath(path)
-    return None if real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep) else real
 
 
 def _image_paths(csv_path: Path, image_dir: str | os.PathLike, names: Iterable[str], allow_outside: bool,

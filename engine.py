@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from cache import augment_batch
+from augment import augment_batch
 from console import progress as progress_bar
 from models import conv_fusion_available, fold_batchnorm, fuse_conv_activations
 from presets import metric_scores, scores_1_to_10

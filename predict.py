@@ -18,7 +18,6 @@ from tqdm import tqdm
 from console import one_line, safe_text
 from option import non_negative_int, positive_int
 from scoring import (
-    AMP_MODES,
     NO_WEIGHTS_HELP,
     SORT_ORDERS,
     ScoreResult,
@@ -30,7 +29,7 @@ from scoring import (
     write_results,
 )
 from download import DownloadError
-from runtime import ALLOCATORS, default_loader_workers, tune_cpu_allocator
+from runtime import ALLOCATORS, AMP_MODES, resolve_device, scoring_parallelism, tune_cpu_allocator
 
 PROG = "predict.py"
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
@@ -72,16 +71,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="isolated (default): every image scored alone; "
                         "batch: the reference (scores depend on batch-mates)")
     r.add_argument("--batch_size", type=positive_int, default=32, help="images per forward pass (default: 32)")
-    r.add_argument("--num_workers", type=non_negative_int, default=default_loader_workers(4),
-                   help="image-loading processes (default: min(4, CPU cores))")
+    r.add_argument("--num_workers", type=non_negative_int, default=None,
+                   help="image-decoding processes (default: chosen from the CPU cores, see --threads)")
     r.add_argument("--device", default="auto", help="auto (CUDA when present; the default), cpu, cuda or cuda:N")
-    r.add_argument("--amp", choices=AMP_MODES, default="none",
-                   help="autocast precision (default: none; fp16: CUDA only)")
+    r.add_argument("--amp", choices=AMP_MODES, default="auto",
+                   help="precision: auto (the default: bf16 on a GPU or a CPU with bfloat16 instructions, else "
+                        "float32), none (float32), bf16, fp16 (CUDA only)")
+    r.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
+                   help="score with BatchNorm folded into the convolutions and the convolutions fused with their "
+                        "activations, channels-last (the default; scores equal up to float rounding)")
+    r.add_argument("--draft", action="store_true",
+                   help="decode JPEGs at a reduced size (2-4x faster decoding; the pixels, hence the scores, "
+                        "change a little: see README)")
     r.add_argument("--allocator", choices=ALLOCATORS, default="tuned",
                    help="on the CPU, tuned (default): freed tensor memory is kept for the next batch instead of "
                         "unmapped (same scores, less system time); system: glibc's default")
     r.add_argument("--threads", type=positive_int, default=None,
-                   help="CPU threads of the model (default: PyTorch's; 1 can be faster on a small or busy CPU)")
+                   help="CPU threads of the model (default: with --num_workers, chosen from the CPU cores so that "
+                        "decoding overlaps the model without oversubscribing them)")
     return p
 
 
@@ -125,8 +132,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     try:
         if args.output is not None:
             check_output_path(args.output, inputs=[p for p in args.paths if not Path(p).is_dir()])
@@ -140,16 +145,22 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError(f"no images found in {' '.join(args.paths)}")
         if args.output is not None:
             check_output_path(args.output, inputs=[str(p) for p in images])
+        workers, threads = scoring_parallelism(resolve_device(args.device))
+        workers = workers if args.num_workers is None else args.num_workers
+        torch.set_num_threads(threads if args.threads is None else args.threads)
+        if args.allocator == "tuned" and resolve_device(args.device).type == "cpu":
+            tune_cpu_allocator()
         scorer = Scorer(
             args.path_to_model_weight, variant=args.variant, device=args.device, theme_fusion=args.theme_fusion,
-            batch_size=args.batch_size, amp=args.amp, num_workers=args.num_workers,
+            batch_size=args.batch_size, amp=args.amp, fast=args.fast, draft=args.draft, num_workers=workers,
             allow_unsafe_load=args.allow_unsafe_load, checkpoints_dir=args.checkpoints_dir, download=args.download,
         )
     except (ValueError, FileNotFoundError, DownloadError) as exc:  # CheckpointError, DataError are ValueErrors
         print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
-    if args.allocator == "tuned" and scorer.device.type == "cpu":
-        tune_cpu_allocator()
+    if not args.quiet:
+        print(f"{PROG}: {scorer.path}; {torch.get_num_threads()} model threads, {workers} decoding processes",
+              file=sys.stderr)
 
     results = []
     for result in scorer.iter_results(images, progress=not args.quiet):

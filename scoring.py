@@ -23,11 +23,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from console import progress as progress_bar
-from dataset import IMAGE_FORMATS, DataError, build_transform, link_leaves_folder, load_image, to_rgb
-from engine import autocast
+from images import IMAGE_FORMATS, DataError, EvalTransform, link_leaves_folder, load_image, to_rgb
+from engine import autocast, evaluation_model, fuses_conv, to_device
 from models import VARIANTS, TANet, load_tanet, resolve_weights
-from presets import INPUT_SHAPE, NUM_BINS, RELEASED, scores_1_to_10
-from runtime import resolve_device
+from presets import INPUT_SHAPE, INPUT_SIZE, NUM_BINS, RELEASED, VARIANT_PRESETS, scores_1_to_10
+from runtime import AMP_MODES, resolve_amp, resolve_device
 from safe_io import CheckpointError, atomic_save_json, atomic_write
 from util import distribution_std
 
@@ -35,7 +35,6 @@ ImageSource = Union[str, os.PathLike, Image.Image, "RefusedImage"]
 LIST_SUFFIXES = (".txt", ".csv")
 OUTPUT_FORMATS = (".csv", ".json")
 SORT_ORDERS = ("none", "desc", "asc")
-AMP_MODES = ("none", "bf16", "fp16")
 
 NO_WEIGHTS_HELP = (
     "no TANet weights given: pass --path_to_model_weight with a checkpoint, either a released one "
@@ -216,9 +215,10 @@ def collect_images(
 class _ImageSources(Dataset):
     """Paths or PIL images -> (index, normalised tensor or None, error or None)."""
 
-    def __init__(self, sources: Sequence[ImageSource], transform: Any) -> None:
+    def __init__(self, sources: Sequence[ImageSource], transform: Any, draft: tuple[int, int] | None = None) -> None:
         self.sources = sources
         self.transform = transform
+        self.draft = draft
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -228,7 +228,7 @@ class _ImageSources(Dataset):
         if isinstance(source, RefusedImage):
             return index, None, source.reason
         try:
-            image = to_rgb(source) if isinstance(source, Image.Image) else load_image(source)
+            image = to_rgb(source) if isinstance(source, Image.Image) else load_image(source, draft=self.draft)
             return index, self.transform(image), None
         except DataError as exc:  # the message names the file
             return index, None, str(exc)
@@ -263,7 +263,10 @@ class Scorer:
     downloaded there with ``download=True``). The variant is read from the checkpoint; ``variant``
     is only needed when it cannot be told, and must agree with it otherwise.
     ``theme_fusion="isolated"`` scores every image alone (independent of batch and order);
-    ``"batch"`` is the reference's batch-coupled scoring.
+    ``"batch"`` is the reference's batch-coupled scoring. ``fast`` (the default) scores with an
+    inference copy whose BatchNorm is folded into the convolutions and whose convolutions run fused
+    with their activations, channels-last; ``amp="auto"``: bfloat16 where the device has it (scores
+    within the tolerance the tests hold). ``draft``: decode JPEGs at a reduced size (faster; other pixels).
     """
 
     def __init__(
@@ -274,7 +277,9 @@ class Scorer:
         device: str = "auto",
         theme_fusion: str = "isolated",
         batch_size: int = 32,
-        amp: str = "none",
+        amp: str = "auto",
+        fast: bool = True,
+        draft: bool = False,
         num_workers: int = 0,
         allow_unsafe_load: bool = False,
         checkpoints_dir: str | os.PathLike | None = None,
@@ -285,6 +290,7 @@ class Scorer:
         if variant is not None and variant not in VARIANTS:
             raise ScoringError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
         target = resolve_device(device)
+        amp = _resolve_amp(amp, target)
         _check_options(target, theme_fusion, batch_size, amp, num_workers)  # before the slow part
         path = resolve_weights(weights, directory=checkpoints_dir, download_missing=download)
         try:
@@ -293,7 +299,7 @@ class Scorer:
                                   theme_network=theme_fusion == "batch", model_class=TANet)
         except CheckpointError as exc:
             raise ScoringError(str(exc)) from None
-        self._setup(model.to(target), target, theme_fusion, batch_size, amp, num_workers)
+        self._setup(model.to(target), target, theme_fusion, batch_size, amp, num_workers, fast, draft)
         self.checkpoint: Path | None = path
 
     @classmethod
@@ -305,10 +311,13 @@ class Scorer:
         theme_fusion: str = "isolated",
         batch_size: int = 32,
         amp: str = "none",
+        fast: bool = False,
+        draft: bool = False,
         num_workers: int = 0,
     ) -> "Scorer":
         """A scorer for an in-memory TANet. It is used where it is (``device`` None) or moved to
-        ``device``; its eval/train mode and ``theme_fusion`` are set only while scoring."""
+        ``device``; its eval/train mode and ``theme_fusion`` are set only while scoring. With ``fast``,
+        an inference copy of it as it is now scores (later changes to the model are not seen)."""
         if not isinstance(model, TANet):
             raise TypeError(f"Scorer.from_model needs a TANet, got {type(model).__name__}")
         self = cls.__new__(cls)
@@ -316,23 +325,42 @@ class Scorer:
             target = next(model.parameters()).device
         else:
             target = device if isinstance(device, torch.device) else resolve_device(device)
+        amp = _resolve_amp(amp, target)
         _check_options(target, theme_fusion, batch_size, amp, num_workers)
         model.to(target)
-        self._setup(model, target, theme_fusion, batch_size, amp, num_workers)
+        self._setup(model, target, theme_fusion, batch_size, amp, num_workers, fast, draft)
         self.checkpoint = None
         return self
 
     def _setup(self, model: TANet, device: torch.device, theme_fusion: str, batch_size: int, amp: str,
-               num_workers: int) -> None:
+               num_workers: int, fast: bool, draft: bool) -> None:
         self.model = model
         self.device = device
         self.theme_fusion = theme_fusion
         self.batch_size = batch_size
         self.amp = amp
+        self.fast = bool(fast)
         self.num_workers = num_workers
-        self.transform = build_transform(model.variant, train=False)
+        self.transform = EvalTransform(VARIANT_PRESETS[model.variant].transform)
+        self.draft = (INPUT_SIZE, INPUT_SIZE) if draft else None
+        if self.fast:  # the inference copy of --fold_bn --fuse_conv --channels_last, in this scorer's fusion
+            model.theme_fusion = theme_fusion
+            self._net = evaluation_model(model, device, fold_bn=True, fuse_conv=True, amp=amp, channels_last=True)
+        else:
+            self._net = model
         if theme_fusion == "batch":
             warnings.warn(BATCH_FUSION_WARNING, ScoringWarning, stacklevel=3)
+
+    @property
+    def path(self) -> str:
+        """How this scorer computes: theme fusion, model path, precision, decoding."""
+        parts = [f"{self.theme_fusion} theme fusion"]
+        if self.fast:
+            fused = fuses_conv(True, self.device, self.amp)
+            parts.append("folded BatchNorm" + (", fused convolutions" if fused else "") + ", channels-last")
+        parts.append("float32" if self.amp == "none" else self.amp)
+        parts.append("reduced-size JPEG decoding" if self.draft else "full decoding")
+        return ", ".join(parts) + f", on {self.device}"
 
     @property
     def variant(self) -> str:
@@ -341,7 +369,7 @@ class Scorer:
     def __repr__(self) -> str:
         source = f"checkpoint={str(self.checkpoint)!r}" if self.checkpoint else "in-memory model"
         return (f"Scorer({source}, variant={self.variant!r}, device={str(self.device)!r}, "
-                f"theme_fusion={self.theme_fusion!r}, batch_size={self.batch_size}, amp={self.amp!r})")
+                f"theme_fusion={self.theme_fusion!r}, batch_size={self.batch_size}, amp={self.amp!r}, fast={self.fast})")
 
     # ---- public scoring
 
@@ -368,7 +396,7 @@ class Scorer:
         batch (``num_workers`` loader processes) and dropped once scored."""
         if not sources:
             return
-        dataset = _ImageSources(sources, self.transform)
+        dataset = _ImageSources(sources, self.transform, self.draft)
         batches = math.ceil(len(sources) / self.batch_size)
         workers = min(self.num_workers, batches)
         loader = DataLoader(
@@ -393,20 +421,21 @@ class Scorer:
     @torch.no_grad()
     def _forward(self, images: Tensor) -> Tensor:
         with self._scoring_mode(), autocast(self.device, self.amp):
-            out = self.model(images.to(self.device, non_blocking=True))
+            out = self._net(to_device(images, self.device, channels_last=self.fast))
         return out.float().cpu()
 
     @contextlib.contextmanager
     def _scoring_mode(self) -> Iterator[None]:
         """Eval mode and this scorer's theme fusion, restored afterwards (the model may be shared)."""
-        was_training, fusion = self.model.training, self.model.theme_fusion
-        self.model.eval()
-        self.model.theme_fusion = self.theme_fusion
+        net = self._net
+        was_training, fusion = net.training, net.theme_fusion
+        net.eval()
+        net.theme_fusion = self.theme_fusion
         try:
             yield
         finally:
-            self.model.theme_fusion = fusion
-            self.model.train(was_training)
+            net.theme_fusion = fusion
+            net.train(was_training)
 
     def _result(self, name: str, output: Tensor) -> ScoreResult:
         values = output.double().numpy()
@@ -430,6 +459,13 @@ class Scorer:
             outputs = self._forward(x[start:start + self.batch_size].float())
             for offset, output in enumerate(outputs):
                 yield self._result(f"tensor[{start + offset}]", output)
+
+
+def _resolve_amp(amp: str, device: torch.device) -> str:
+    try:
+        return resolve_amp(amp, device)
+    except ValueError:
+        raise ScoringError(f"amp must be one of {AMP_MODES}, got {amp!r}") from None
 
 
 def _check_options(device: torch.device, theme_fusion: str, batch_size: int, amp: str, num_workers: int) -> None:

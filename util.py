@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import scipy.stats
 import torch
 
 NUM_BINS = 10  # AVA score distributions: votes for scores 1..10
@@ -80,12 +79,16 @@ def correlation_undefined(p: np.ndarray, t: np.ndarray) -> str | None:
 
 
 def _srcc(p: np.ndarray, t: np.ndarray) -> float:
+    import scipy.stats  # here: scoring images needs no SciPy, and importing it takes a while
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # we report undefined cases ourselves
         return float(scipy.stats.spearmanr(p, t)[0])
 
 
 def _plcc(p: np.ndarray, t: np.ndarray) -> float:
+    import scipy.stats
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return float(scipy.stats.pearsonr(p, t)[0])

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchvision.models import resnet18
+
+from .resnet import ResNet18
 
 PLACES365_CLASSES = 365
 THEME_HIDDEN = 100
@@ -19,8 +20,8 @@ THEME_FEATURES = 10
 
 
 def places365_resnet18() -> nn.Module:
-    """A randomly initialised torchvision ResNet-18 with a 365-way scene classifier."""
-    return resnet18(weights=None, num_classes=PLACES365_CLASSES)
+    """A randomly initialised ResNet-18 (torchvision's layout and initialisation) with a 365-way scene classifier."""
+    return ResNet18(num_classes=PLACES365_CLASSES)
 
 
 class HyperNet(nn.Module):

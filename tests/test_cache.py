@@ -12,18 +12,8 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import functional as F
 
-from cache import (
-    PIXELS_FILE,
-    AugmentParams,
-    CacheError,
-    CachedDataset,
-    StaleCacheError,
-    augment_batch,
-    build_cache,
-    cache_spec,
-    normalise,
-    sample_augment_params,
-)
+from augment import AugmentParams, augment_batch, normalise, sample_augment_params
+from cache import PIXELS_FILE, CacheError, CachedDataset, StaleCacheError, build_cache, cache_spec
 from dataset import (
     AVA_COLUMNS,
     AVADataset,

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 import dataset as ds
+import images
 from dataset import DataError
 
 
@@ -40,12 +41,12 @@ def write_csv(path, text):
 
 def test_load_rgb_jpeg_and_png(tmp_path):
     for name in ("a.jpg", "a.png"):
-        img = ds.load_image(write_image(tmp_path / name))
+        img = images.load_image(write_image(tmp_path / name))
         assert img.mode == "RGB" and img.size == (20, 30)
 
 
 def test_load_grayscale_is_replicated_to_rgb(tmp_path):
-    img = ds.load_image(write_image(tmp_path / "g.png", mode="L"))
+    img = images.load_image(write_image(tmp_path / "g.png", mode="L"))
     a = np.asarray(img)
     assert img.mode == "RGB" and (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all()
     assert (a[..., 0] == np.asarray(Image.open(tmp_path / "g.png"))).all()
@@ -56,7 +57,7 @@ def test_load_la_composites_alpha_onto_white(tmp_path):
     la[..., 0] = 40
     la[:15, :, 1] = 255  # top half opaque, bottom half transparent
     Image.fromarray(la, "LA").save(tmp_path / "la.png")
-    a = np.asarray(ds.load_image(tmp_path / "la.png"))
+    a = np.asarray(images.load_image(tmp_path / "la.png"))
     assert (a[:15] == 40).all() and (a[15:] == 255).all()
 
 
@@ -65,7 +66,7 @@ def test_load_rgba_composites_alpha_onto_white(tmp_path):
     rgba[..., 0] = 200
     rgba[..., 3] = 128
     Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
-    px = np.asarray(ds.load_image(tmp_path / "rgba.png"))[0, 0].astype(int)
+    px = np.asarray(images.load_image(tmp_path / "rgba.png"))[0, 0].astype(int)
     assert abs(px[0] - 228) <= 1 and abs(px[1] - 127) <= 1 and abs(px[2] - 127) <= 1
 
 
@@ -75,7 +76,7 @@ def test_load_palette_png_with_transparency(tmp_path):
     p.paste(1, (0, 0, 20, 15))  # top half green, bottom half index 0 = transparent
     p.save(tmp_path / "p.png", transparency=0)
     assert Image.open(tmp_path / "p.png").mode == "P"
-    a = np.asarray(ds.load_image(tmp_path / "p.png"))
+    a = np.asarray(images.load_image(tmp_path / "p.png"))
     assert (a[:15] == (0, 200, 0)).all() and (a[15:] == 255).all()
 
 
@@ -83,13 +84,13 @@ def test_load_palette_png_without_transparency(tmp_path):
     p = Image.new("P", (20, 30), 1)
     p.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
     p.save(tmp_path / "p.png")
-    assert (np.asarray(ds.load_image(tmp_path / "p.png")) == (10, 20, 30)).all()
+    assert (np.asarray(images.load_image(tmp_path / "p.png")) == (10, 20, 30)).all()
 
 
 def test_load_cmyk_jpeg(tmp_path):
     Image.new("CMYK", (20, 30), (0, 255, 255, 0)).save(tmp_path / "c.jpg", quality=95)
     assert Image.open(tmp_path / "c.jpg").mode == "CMYK"
-    img = ds.load_image(tmp_path / "c.jpg")
+    img = images.load_image(tmp_path / "c.jpg")
     r, g, b = np.asarray(img).reshape(-1, 3).mean(axis=0)
     assert img.mode == "RGB" and r > 240 and g < 15 and b < 15
 
@@ -98,7 +99,7 @@ def test_load_16bit_png_is_scaled_not_clipped(tmp_path):
     values = np.array([[0, 25700, 32896, 65535]], dtype=np.uint16).repeat(3, axis=0)
     Image.fromarray(values).save(tmp_path / "i16.png")
     assert Image.open(tmp_path / "i16.png").mode.startswith("I;16")
-    a = np.asarray(ds.load_image(tmp_path / "i16.png"))
+    a = np.asarray(images.load_image(tmp_path / "i16.png"))
     assert a.dtype == np.uint8 and (a[0, :, 0] == [0, 100, 128, 255]).all()
 
 
@@ -107,14 +108,14 @@ def test_load_32bit_int_and_float_tiffs(tmp_path):
     Image.fromarray(np.array([[0, 100, 255]], dtype=np.int32), "I").save(tmp_path / "i8.tif")
     Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32), "F").save(tmp_path / "f.tif")
     assert Image.open(tmp_path / "i.tif").mode == "I" and Image.open(tmp_path / "f.tif").mode == "F"
-    assert (np.asarray(ds.load_image(tmp_path / "i.tif"))[0, :, 0] == [0, 100, 255]).all()
-    assert (np.asarray(ds.load_image(tmp_path / "i8.tif"))[0, :, 0] == [0, 100, 255]).all()
-    assert (np.asarray(ds.load_image(tmp_path / "f.tif"))[0, :, 0] == [0, 128, 255]).all()
+    assert (np.asarray(images.load_image(tmp_path / "i.tif"))[0, :, 0] == [0, 100, 255]).all()
+    assert (np.asarray(images.load_image(tmp_path / "i8.tif"))[0, :, 0] == [0, 100, 255]).all()
+    assert (np.asarray(images.load_image(tmp_path / "f.tif"))[0, :, 0] == [0, 128, 255]).all()
 
 
 def test_load_bilevel_png(tmp_path):
     Image.new("1", (20, 30), 1).save(tmp_path / "b.png")
-    assert (np.asarray(ds.load_image(tmp_path / "b.png")) == 255).all()
+    assert (np.asarray(images.load_image(tmp_path / "b.png")) == 255).all()
 
 
 def test_load_applies_exif_orientation(tmp_path):
@@ -123,14 +124,14 @@ def test_load_applies_exif_orientation(tmp_path):
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     img.save(tmp_path / "rot.jpg", exif=exif.tobytes())
     assert Image.open(tmp_path / "rot.jpg").size == (20, 30)
-    assert ds.load_image(tmp_path / "rot.jpg").size == (30, 20)
+    assert images.load_image(tmp_path / "rot.jpg").size == (30, 20)
 
 
 def test_truncated_jpeg_is_refused(tmp_path):
     data = write_image(tmp_path / "full.jpg", size=(64, 64)).read_bytes()
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match="cut.jpg"):
-        ds.load_image(tmp_path / "cut.jpg")
+        images.load_image(tmp_path / "cut.jpg")
     assert not getattr(__import__("PIL.ImageFile").ImageFile, "LOAD_TRUNCATED_IMAGES")
 
 
@@ -139,7 +140,7 @@ def test_decompression_bomb_is_refused(tmp_path, monkeypatch, max_pixels):
     path = write_image(tmp_path / "bomb.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", max_pixels)
     with pytest.raises(DataError, match=r"bomb\.png.*decompression bomb"):
-        ds.load_image(path)
+        images.load_image(path)
 
 
 @pytest.mark.parametrize("content", [b"", b"this is not an image\n", b"\xff\xd8\xff\xe0garbage",
@@ -148,14 +149,14 @@ def test_non_images_are_refused_naming_the_file(tmp_path, content):
     path = tmp_path / "bad.jpg"
     path.write_bytes(content)
     with pytest.raises(DataError, match="bad.jpg"):
-        ds.load_image(path)
+        images.load_image(path)
 
 
 def test_missing_file_and_folder_are_refused(tmp_path):
     with pytest.raises(DataError, match="nope.jpg.*not found"):
-        ds.load_image(tmp_path / "nope.jpg")
+        images.load_image(tmp_path / "nope.jpg")
     with pytest.raises(DataError, match="not a file"):
-        ds.load_image(tmp_path)
+        images.load_image(tmp_path)
 
 
 # --------------------------------------------------------------------------- transforms
@@ -175,7 +176,7 @@ def _reference(style, train):
 @pytest.mark.parametrize("style", ["tad66k", "ava"])
 @pytest.mark.parametrize("train", [True, False])
 def test_transforms_equal_the_reference_pipeline(tmp_path, style, train):
-    img = ds.load_image(write_image(tmp_path / "x.jpg", size=(37, 23)))
+    img = images.load_image(write_image(tmp_path / "x.jpg", size=(37, 23)))
     ours, ref = ds.build_transform(style, train), _reference(style, train)
     outputs = set()
     for seed in range(6):
@@ -190,9 +191,9 @@ def test_transforms_equal_the_reference_pipeline(tmp_path, style, train):
 
 
 def test_ava_resize_uses_pillows_default_filter(tmp_path):
-    img = ds.load_image(write_image(tmp_path / "x.png", size=(50, 40)))
-    assert ds.PilResize()(img).tobytes() == img.resize((224, 224)).tobytes()
-    assert ds.PilResize()(img).tobytes() != img.resize((224, 224), Image.Resampling.NEAREST).tobytes()
+    img = images.load_image(write_image(tmp_path / "x.png", size=(50, 40)))
+    assert images.Resize((224, 224))(img).tobytes() == img.resize((224, 224)).tobytes()
+    assert images.Resize((224, 224))(img).tobytes() != img.resize((224, 224), Image.Resampling.NEAREST).tobytes()
 
 
 def test_transforms_pickle_for_dataloader_workers():
@@ -486,8 +487,8 @@ def test_ava_dataset_skip_bad(tmp_path):
 
 def test_to_rgb_converts_in_memory_images_and_refuses_unconvertible_modes():
     rgba = Image.new("RGBA", (2, 2), (10, 20, 30, 0))
-    assert ds.to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)
+    assert images.to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)
     rgb = Image.new("RGB", (2, 2), (1, 2, 3))
-    assert ds.to_rgb(rgb) is rgb
+    assert images.to_rgb(rgb) is rgb
     with pytest.raises(ValueError):
-        ds.to_rgb(Image.new("La", (2, 2)))
+        images.to_rgb(Image.new("La", (2, 2)))

@@ -283,3 +283,22 @@ def test_model_code_has_no_device_constants():
     for path in (Path(__file__).resolve().parent.parent / "models").glob("*.py"):
         text = path.read_text()
         assert ".cuda(" not in text and "cuda:0" not in text, path
+
+
+def test_theme_resnet_is_torchvisions_resnet18_without_torchvision():
+    """Same layout, same random initialisation for a seed (drawn in the same order), same outputs."""
+    torchvision = pytest.importorskip("torchvision")
+    from models.resnet import ResNet18
+
+    for seed in (0, 3):
+        torch.manual_seed(seed)
+        ref = torchvision.models.resnet18(weights=None, num_classes=365)
+        after_ref = torch.get_rng_state()
+        torch.manual_seed(seed)
+        ours = ResNet18(num_classes=365)
+        assert torch.equal(torch.get_rng_state(), after_ref)
+        a, b = ref.state_dict(), ours.state_dict()
+        assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(ref.eval()(x), ours.eval()(x))

@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import dataset as ds
+import images
 import download
 import engine
 import main_nni
@@ -254,7 +255,7 @@ def test_images_claiming_huge_sizes_are_refused_as_decompression_bombs(tmp_path,
     path = tmp_path / f"huge.{fmt}"
     path.write_bytes(CLAIMING[fmt](width, height))
     with pytest.raises(DataError, match=rf"huge\.{fmt} refused as a possible decompression bomb"):
-        ds.load_image(path)
+        images.load_image(path)
 
 
 @pytest.mark.parametrize("fmt", CLAIMING)
@@ -263,13 +264,13 @@ def test_images_of_zero_size_are_refused(tmp_path, fmt, width, height):
     path = tmp_path / f"zero.{fmt}"
     path.write_bytes(CLAIMING[fmt](width, height))
     with pytest.raises(DataError, match=rf"zero\.{fmt}"):
-        ds.load_image(path)
+        images.load_image(path)
 
 
 def _check_load(path: pathlib.Path) -> None:
     """load_image either gives a non-empty RGB image or raises DataError naming the file."""
     try:
-        img = ds.load_image(path)
+        img = images.load_image(path)
     except DataError as exc:
         assert path.name in str(exc)
         return
@@ -463,10 +464,10 @@ def test_an_output_folder_whose_name_is_not_utf8_works(data, tmp_path, tiny, mon
 def test_image_files_whose_names_are_not_utf8_load(tmp_path):
     path = pathlib.Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9.png"))
     path.write_bytes(_encoded("PNG"))
-    assert ds.load_image(path).size == (8, 8)
+    assert images.load_image(path).size == (8, 8)
     missing = pathlib.Path(os.fsdecode(bytes(tmp_path) + b"/gon\xe9.png"))
     with pytest.raises(DataError, match="not found"):
-        ds.load_image(missing)
+        images.load_image(missing)
     with pytest.raises(DataError, match="not valid Unicode"):
         ds.resolve_image_path(tmp_path, missing.name)  # a CSV cannot name it: CSVs are UTF-8
 

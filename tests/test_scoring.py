@@ -13,9 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
+import images as images_module
 import scoring
 from dataset import build_transform, load_image
 from models import TANet, load_tanet
+from runtime import resolve_amp, scoring_parallelism
 from presets import RELEASED
 from scoring import ScoreResult, Scorer, ScoringError, ScoringWarning, collect_images, rank_results, write_results
 
@@ -32,6 +34,9 @@ def _image(path, seed, size=(36, 24), mode="RGB"):
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +238,7 @@ def test_bf16_is_close_to_float32(tad_scorer, images, alone):
 def test_ten_thousand_paths_stream_through_the_loader(tad_scorer, images, monkeypatch, tmp_path):
     loaded = []
     real = scoring.load_image
-    monkeypatch.setattr(scoring, "load_image", lambda p: (loaded.append(p), real(p))[1])
+    monkeypatch.setattr(scoring, "load_image", lambda p, **kw: (loaded.append(p), real(p, **kw))[1])
     paths = [images[0]] + [str(tmp_path / f"missing{i}.jpg") for i in range(9_999)]
     stream = tad_scorer.iter_results(paths)
     first = next(stream)
@@ -342,3 +347,36 @@ def test_write_csv_and_json(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["OUT.JSON", "out.csv"]  # no temp files left
     with pytest.raises(ScoringError, match="use a .csv or .json"):
         write_results(ava, tmp_path / "out.xlsx", "ava")
+
+
+# --------------------------------------------------------------------------- the fast path
+
+@pytest.mark.parametrize("variant", ["tad66k", "ava"])
+def test_the_default_fast_path_scores_as_the_plain_model(ckpts, images, variant):
+    """Folded BatchNorm, fused convolutions, channels-last, and bf16 where the CPU has it: within the
+    tolerance the fast-path tests hold (float32: rounding only)."""
+    fast = Scorer(ckpts / f"{variant}.pth", device="cpu")
+    plain = Scorer(ckpts / f"{variant}.pth", device="cpu", fast=False, amp="none")
+    assert fast.fast and not plain.fast and "folded BatchNorm" in fast.path and fast.amp == resolve_amp("auto", CPU)
+    tolerance = 0.1 if fast.amp == "bf16" else 1e-4
+    a, b = fast.score_detailed(images), plain.score_detailed(images)
+    assert all(abs(x.score - y.score) < tolerance for x, y in zip(a, b))
+    if variant == "ava":
+        assert all(max(abs(p - q) for p, q in zip(x.distribution, y.distribution)) < tolerance / 10 for x, y in zip(a, b))
+
+
+def test_draft_decoding_is_an_option_that_changes_pixels_a_little(ckpts, tmp_path):
+    photo = _image(tmp_path / "big.jpg", seed=3, size=(1024, 683))
+    full = Scorer(ckpts / "tad66k.pth", device="cpu")
+    draft = Scorer(ckpts / "tad66k.pth", device="cpu", draft=True)
+    assert full.draft is None and "full decoding" in full.path and "reduced-size" in draft.path
+    assert images_module.load_image(photo, draft=(224, 224)).size == (512, 342)  # JPEG decoded at half size
+    assert abs(full.score(photo) - draft.score(photo)) < 0.5
+
+
+def test_decoding_and_the_model_share_the_cores_without_oversubscribing_them():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert scoring_parallelism(cpu, 1) == (0, 1)
+    assert scoring_parallelism(cpu, 2) == (1, 2)
+    assert scoring_parallelism(cpu, 8) == (2, 6) and scoring_parallelism(cpu, 16) == (4, 12)
+    assert scoring_parallelism(gpu, 16) == (8, 1)

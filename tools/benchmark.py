@@ -50,7 +50,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import default_collate  # noqa: E402
 
-from cache import CachedDataset, augment_batch, build_cache  # noqa: E402
+from augment import augment_batch  # noqa: E402
+from cache import CachedDataset, build_cache  # noqa: E402
 from dataset import ScoreImageDataset  # noqa: E402
 from engine import amp_dtype, infer, make_loader, train_one_epoch  # noqa: E402
 from models import TANet, fold_batchnorm, fuse_conv_activations  # noqa: E402
