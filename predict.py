@@ -158,9 +158,8 @@ def _run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, DownloadError) as exc:  # CheckpointError, DataError are ValueErrors
         print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
-    if not args.quiet:
-        print(f"{PROG}: {scorer.path}; {torch.get_num_threads()} model threads, {workers} decoding processes",
-              file=sys.stderr)
+    print(f"{PROG}: {scorer.path}; {torch.get_num_threads()} model threads, {workers} decoding processes",
+          file=sys.stderr)
 
     results = []
     for result in scorer.iter_results(images, progress=not args.quiet):

@@ -293,6 +293,9 @@ class Scorer:
         amp = _resolve_amp(amp, target)
         _check_options(target, theme_fusion, batch_size, amp, num_workers)  # before the slow part
         path = resolve_weights(weights, directory=checkpoints_dir, download_missing=download)
+        if path.suffix.lower() == ".onnx":
+            self._setup_onnx(path, variant, target, theme_fusion, batch_size, num_workers, draft)
+            return
         try:
             # isolated scores never run the theme ResNet and its heads: they are not built or loaded
             model, _ = load_tanet(path, variant=variant, theme_fusion=theme_fusion, allow_unsafe=allow_unsafe_load,
@@ -351,10 +354,31 @@ class Scorer:
         if theme_fusion == "batch":
             warnings.warn(BATCH_FUSION_WARNING, ScoringWarning, stacklevel=3)
 
+    def _setup_onnx(self, path: Path, variant: str | None, device: torch.device, theme_fusion: str,
+                    batch_size: int, num_workers: int, draft: bool) -> None:
+        """Score with an ONNX export (tools/export.py) in onnxruntime, on the CPU."""
+        from export import ExportError, OnnxModel  # the optional extra
+
+        if theme_fusion != "isolated":
+            raise ScoringError(f"{path} is an ONNX export: it scores with isolated theme fusion only")
+        if device.type != "cpu":
+            raise ScoringError(f"{path} is an ONNX export: it runs on the CPU (--device cpu)")
+        try:
+            model = OnnxModel(path)
+        except ExportError as exc:
+            raise ScoringError(str(exc)) from None
+        if variant is not None and variant != model.variant:
+            raise ScoringError(f"{path} is a {model.variant!r} model, but variant {variant!r} was asked for; drop "
+                               f"--variant (it is read from the file) or pick the right file")
+        self._setup(model, device, theme_fusion, batch_size, "none", num_workers, False, draft)
+        self.checkpoint = path
+
     @property
     def path(self) -> str:
         """How this scorer computes: theme fusion, model path, precision, decoding."""
         parts = [f"{self.theme_fusion} theme fusion"]
+        if not isinstance(self.model, torch.nn.Module):
+            parts.append("onnxruntime")
         if self.fast:
             fused = fuses_conv(True, self.device, self.amp)
             parts.append("folded BatchNorm" + (", fused convolutions" if fused else "") + ", channels-last")
@@ -428,6 +452,9 @@ class Scorer:
     def _scoring_mode(self) -> Iterator[None]:
         """Eval mode and this scorer's theme fusion, restored afterwards (the model may be shared)."""
         net = self._net
+        if not isinstance(net, torch.nn.Module):  # an ONNX model: always isolated, always inference
+            yield
+            return
         was_training, fusion = net.training, net.theme_fusion
         net.eval()
         net.theme_fusion = self.theme_fusion

@@ -28,9 +28,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib.util
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -54,16 +56,27 @@ from augment import augment_batch  # noqa: E402
 from cache import CachedDataset, build_cache  # noqa: E402
 from dataset import ScoreImageDataset  # noqa: E402
 from engine import amp_dtype, infer, make_loader, train_one_epoch  # noqa: E402
-from models import TANet, fold_batchnorm, fuse_conv_activations  # noqa: E402
-from runtime import ALLOCATORS, resolve_device, seed_everything, tune_cpu_allocator, usable_cpus  # noqa: E402
+from models import TANet, conv_fusion_available, fold_batchnorm, fuse_conv_activations  # noqa: E402
+from runtime import ALLOCATORS, cpu_has_native_bf16, resolve_device, seed_everything, tune_cpu_allocator, usable_cpus  # noqa: E402
 from safe_io import atomic_save_json, atomic_torch_save  # noqa: E402
 
 TOKENS = ("compile", "freeze", "isolated", "foldbn", "fuse", "bf16", "fp16", "channels_last")
-CPU_TRAIN = ("reference", "fp32", "channels_last", "bf16", "bf16+channels_last")
-CPU_EVAL = CPU_TRAIN + ("foldbn+bf16+channels_last", "foldbn+fuse+bf16+channels_last", "isolated",
-                         "isolated+foldbn+fuse+bf16+channels_last")
 CUDA_TRAIN = ("reference", "fp32", "channels_last", "bf16", "bf16+channels_last", "fp16", "fp16+channels_last")
 CUDA_EVAL = CUDA_TRAIN + ("foldbn+fp16+channels_last", "isolated", "isolated+foldbn+fp16+channels_last")
+
+
+def cpu_paths(*, train: bool) -> list[str]:
+    """The default CPU paths: bf16 ones only on a CPU with bfloat16 instructions (elsewhere bf16 is an
+    emulation, about 10x slower); onnx when onnxruntime is installed."""
+    low = "bf16+" if cpu_has_native_bf16() else ""
+    names = ["reference", "fp32", "channels_last"] + (["bf16", "bf16+channels_last"] if low else [])
+    if train:
+        return names
+    names += [f"foldbn+{low}channels_last", f"foldbn+fuse+{low}channels_last", "isolated",
+              f"isolated+foldbn+fuse+{low}channels_last"]
+    if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnxscript"):
+        names.append("onnx")
+    return names
 
 
 @dataclass(frozen=True)
@@ -79,6 +92,7 @@ class ModelPath:
     fold_bn: bool = False
     fuse: bool = False
     reference_loop: bool = False
+    onnx: bool = False
 
 
 def parse_path(name: str, device: torch.device, *, train: bool) -> ModelPath:
@@ -88,6 +102,10 @@ def parse_path(name: str, device: torch.device, *, train: bool) -> ModelPath:
         return ModelPath(name)
     if tokens == ["reference"]:
         return ModelPath(name, reference_loop=True)
+    if tokens == ["onnx"]:
+        if train or device.type != "cpu":
+            raise ValueError(f"path {name!r}: onnx (an isolated export run by onnxruntime) is a CPU evaluation path")
+        return ModelPath(name, isolated=True, onnx=True)
     unknown = [t for t in tokens if t not in TOKENS]
     if unknown or len(set(tokens)) != len(tokens):
         raise ValueError(f"path {name!r}: unknown or repeated part(s) {unknown or tokens}; parts: fp32 or reference alone, "
@@ -104,6 +122,8 @@ def parse_path(name: str, device: torch.device, *, train: bool) -> ModelPath:
         raise ValueError(f"path {name!r}: foldbn is an evaluation path (folded BatchNorm cannot train)")
     if "fuse" in tokens and ("foldbn" not in tokens or device.type != "cpu"):
         raise ValueError(f"path {name!r}: fuse is a CPU evaluation path, with foldbn")
+    if "fuse" in tokens and "bf16" in tokens and not conv_fusion_available(torch.bfloat16):
+        raise ValueError(f"path {name!r}: this CPU cannot run oneDNN's fused convolutions in bf16 (no AVX-512)")
     amp = "bf16" if "bf16" in tokens else "fp16" if "fp16" in tokens else "none"
     return ModelPath(name, amp, "channels_last" in tokens, "compile" in tokens, "freeze" in tokens,
                      "isolated" in tokens, "foldbn" in tokens, "fuse" in tokens)
@@ -179,11 +199,18 @@ def inductor_freezing(on: bool) -> Iterator[None]:
 
 
 def build_model(path: ModelPath, device: torch.device, state: dict | None = None) -> tuple[TANet, torch.nn.Module]:
-    """(model, the module to call): the same weights for every path."""
+    """(model, the module to call): the same weights for every path; an isolated path builds no theme
+    network (as isolated scoring does); ``onnx``: the isolated model exported and run by onnxruntime."""
     seed_everything(0)
-    model = TANet("tad66k", theme_fusion="isolated" if path.isolated else "batch")
+    model = TANet("tad66k")
     if state is not None:
         model.load_state_dict(state)
+    if path.isolated:
+        state = {k: v for k, v in model.state_dict().items() if not k.startswith(("res365_last.", "hypernet.", "tygertnet."))}
+        model = TANet("tad66k", theme_fusion="isolated", theme_network=False)
+        model.load_state_dict(state)
+    if path.onnx:
+        return model, exported(model)
     model.freeze_theme_backbone()
     if path.fold_bn:
         model = fold_batchnorm(model)
@@ -193,6 +220,17 @@ def build_model(path: ModelPath, device: torch.device, state: dict | None = None
     if path.channels_last:
         model.to(memory_format=torch.channels_last)
     return model, (torch.compile(model) if path.compile else model)
+
+
+def exported(model: TANet) -> Callable:
+    """The model exported to ONNX (in a temporary folder) and loaded into onnxruntime."""
+    from export import OnnxModel, export_onnx
+
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = Path(folder) / "model.pth"
+        atomic_torch_save({"model": model.state_dict(), "variant": model.variant}, checkpoint)
+        export_onnx(checkpoint, Path(folder) / "model.onnx")
+        return OnnxModel(Path(folder) / "model.onnx")  # the session holds the graph: the file may go
 
 
 def synthetic_batch(batch_size: int, device: torch.device) -> dict:
@@ -221,6 +259,9 @@ class Runner:
         p = self.path
         if p.reference_loop:
             self.reference_step()
+            return
+        if p.onnx:
+            self.net(self.batch["image"])
             return
         with inductor_freezing(p.freeze):
             if self.train:
@@ -576,7 +617,107 @@ def build_parser() -> argparse.ArgumentParser:
                         "training path measured; none with --accuracy_checkpoint)")
     p.add_argument("--demo_root", default=None, help="demo data folder for --accuracy (default: a temporary one)")
     p.add_argument("--json", default=None, help="write the results here (atomically)")
+    e2e = p.add_argument_group("scoring a photo library end to end (--predict)")
+    e2e.add_argument("--predict", action="store_true",
+                     help="instead of the model paths: time predict.py end to end, as a child process, on generated "
+                          "JPEGs of --image_size: one photo, --images photos and --images_small photos")
+    e2e.add_argument("--images", type=int, default=1000, help="photos of the large run")
+    e2e.add_argument("--images_small", type=int, default=100,
+                     help="photos of the small run: (large - small) / (time difference) is the steady state")
+    e2e.add_argument("--repeats", type=int, default=1, help="runs of each size; the median time counts")
+    e2e.add_argument("--predict_args", default="", help="more options for predict.py, e.g. '--draft'")
+    e2e.add_argument("--compare_with", nargs="+", default=[], metavar="LABEL=DIR",
+                     help="also time the predict.py of these other checkouts (e.g. before=../old, a worktree of an "
+                          "earlier commit) on the same photos, interleaved with this one")
     return p
+
+
+def predict_run(repo: Path, photos: Path, checkpoint: Path, out: Path, extra: str) -> tuple[float, float, str]:
+    """(wall seconds, peak resident MiB, stderr) of one ``predict.py`` child process over ``photos``."""
+    cmd = [sys.executable, str(repo / "predict.py"), str(photos), "--path_to_model_weight", str(checkpoint),
+           "--output", str(out), "--quiet", *shlex.split(extra)]
+    started = time.perf_counter()
+    with open(os.devnull, "w") as devnull:
+        proc = subprocess.Popen(cmd, cwd=repo, stdout=devnull, stderr=subprocess.PIPE, text=True)
+        err = proc.stderr.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {err.strip().splitlines()[-1:] or err}")
+    return seconds, usage.ru_maxrss / 1024, err
+
+
+def bench_predict(args, work: Path, log) -> dict:
+    """predict.py end to end (start-up included) on generated photos: one photo's wall time, the images/s of
+    the large run, and the steady state from the large and small runs; for this checkout and the others."""
+    (work / "pool").mkdir(exist_ok=True)
+    w, h = args.image_size
+    rng = np.random.default_rng(0)
+    for i in range(50):  # smooth random photos: JPEG sizes and decoding times like camera pictures
+        small = rng.integers(0, 256, (h // 16, w // 16, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC).save(work / "pool" / f"photo_{i:02d}.jpg",
+                                                                            quality=90)
+    photos = {}
+    for n in sorted({1, args.images_small, args.images}):
+        folder = work / f"photos_{n}"
+        folder.mkdir()
+        for i in range(n):
+            os.link(work / "pool" / f"photo_{i % 50:02d}.jpg", folder / f"photo_{i:05d}.jpg")  # one file, many names
+        photos[n] = folder
+    seed_everything(0)
+    checkpoint = work / "tanet.pth"
+    atomic_torch_save({"model": TANet("tad66k").state_dict(), "variant": "tad66k"}, checkpoint)
+    checkouts = {"this": REPO_DIR}
+    for item in args.compare_with:
+        label, _, folder = item.partition("=")
+        checkouts[label] = Path(folder).resolve()
+    runs: dict[str, dict[int, list]] = {label: {n: [] for n in photos} for label in checkouts}
+    log(f"predict.py end to end: {', '.join(map(str, photos))} photos of {w}x{h}, {args.repeats} run(s) each, "
+        f"checkouts {', '.join(checkouts)}")
+    for _ in range(args.repeats):
+        for n, folder in photos.items():  # interleaved: a change of the machine's load hits every checkout alike
+            for label, repo in checkouts.items():
+                extra = args.predict_args if label == "this" else ""
+                seconds, peak, err = predict_run(repo, folder, checkpoint, work / f"out_{label}_{n}.csv", extra)
+                runs[label][n].append((seconds, peak))
+                log(f"  {label}: {n} photos in {seconds:.2f} s, peak {peak:.0f} MiB")
+                if label == "this" and n == 1:
+                    path_line = next((line for line in err.splitlines() if "theme fusion" in line), "")
+    result = {"photos": list(photos), "image_size": [w, h], "predict_args": args.predict_args,
+              "path": path_line, "checkouts": {}}
+    large, small = args.images, args.images_small
+    for label, by_n in runs.items():
+        median = {n: statistics.median(s for s, _ in by_n[n]) for n in by_n}
+        result["checkouts"][label] = {
+            "one_photo_s": median[1], "large_s": median[large], "small_s": median[small],
+            "end_to_end_images_per_s": large / median[large],
+            "steady_images_per_s": (large - small) / (median[large] - median[small]),
+            "peak_memory_mb": {str(n): max(p for _, p in by_n[n]) for n in by_n},
+        }
+    if "this" in result["checkouts"]:
+        for label in checkouts:
+            if label != "this":
+                ours, theirs = result["checkouts"]["this"], result["checkouts"][label]
+                result[f"this_vs_{label}"] = {
+                    key: ours[key] / theirs[key] for key in ("end_to_end_images_per_s", "steady_images_per_s")}
+                result[f"this_vs_{label}"]["one_photo_s"] = ours["one_photo_s"] / theirs["one_photo_s"]
+    return result
+
+
+def predict_table(result: dict) -> str:
+    """The end-to-end figures as a text table."""
+    lines = [f"predict.py end to end, {result['photos'][-1]} photos of {result['image_size'][0]}x"
+             f"{result['image_size'][1]} ({result['path'] or 'path not reported'})",
+             f"{'checkout':<12} {'1 photo s':>10} {'e2e img/s':>10} {'steady img/s':>13} {'peak MiB':>9}"]
+    for label, r in result["checkouts"].items():
+        peak = max(r["peak_memory_mb"].values())
+        lines.append(f"{label:<12} {r['one_photo_s']:>10.2f} {r['end_to_end_images_per_s']:>10.1f} "
+                     f"{r['steady_images_per_s']:>13.1f} {peak:>9.0f}")
+    for key, ratios in result.items():
+        if key.startswith("this_vs_"):
+            lines.append(f"{key}: end to end {ratios['end_to_end_images_per_s']:.2f}x, steady state "
+                         f"{ratios['steady_images_per_s']:.2f}x, one photo in {ratios['one_photo_s']:.2f} of the time")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -589,8 +730,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.warmup < 0:
             raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
         cuda = device.type == "cuda"
-        train_names = list(args.paths or (CUDA_TRAIN if cuda else CPU_TRAIN))
-        eval_names = list(args.eval_paths or (CUDA_EVAL if cuda else CPU_EVAL))
+        train_names = list(args.paths or (CUDA_TRAIN if cuda else cpu_paths(train=True)))
+        eval_names = list(args.eval_paths or (CUDA_EVAL if cuda else cpu_paths(train=False)))
         for names, train in ((train_names, True), (eval_names, False)):
             for name in names:
                 parse_path(name, device, train=train)
@@ -605,6 +746,18 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     started = time.perf_counter()
+    if args.predict:
+        if args.images <= args.images_small or args.images_small < 2:
+            print("benchmark.py: error: --images must be larger than --images_small (at least 2)", file=sys.stderr)
+            return 2
+        with tempfile.TemporaryDirectory(prefix="tanet-bench-") as tmp:
+            result = {"predict": bench_predict(args, Path(tmp), log), "machine": machine(device)}
+        result["seconds"] = time.perf_counter() - started
+        print(predict_table(result["predict"]))
+        if args.json:
+            atomic_save_json(result, args.json)
+            log(f"wrote {args.json}")
+        return 0
     report: dict = {"train": {}, "eval": {}, "data": {}, "machine": machine(device), "device": str(device),
                     "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
                     "image_size": list(args.image_size), "details": {"train": {}, "eval": {}},
