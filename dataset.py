@@ -106,26 +106,43 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             raise DataError(f"image file {p} not found" if not p.exists() else f"image path {p} is not a file")
         if p.stat().st_size == 0:
             raise DataError(f"image file {p} is empty (0 bytes)")
+    except OSError as exc:
+        raise DataError(f"image file {p} could not be decoded (truncated or corrupt?): "
+                        f"{type(exc).__name__}: {exc}") from None
+    return _decode(p, p)
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    """``load_image`` for a file's bytes in memory (an upload): the same checks and conversions;
+    ``name`` only labels the error messages."""
+    if not data:
+        raise DataError(f"image file {name} is empty (0 bytes)")
+    return _decode(io.BytesIO(data), name)
+
+
+def _decode(source: Path | io.BytesIO, label: Any) -> Image.Image:
+    """Decode, EXIF-orient and convert to RGB; every failure a DataError naming ``label``."""
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(p, formats=_open_formats()) as img:
+            with Image.open(source, formats=_open_formats()) as img:
                 img.load()
                 oriented = ImageOps.exif_transpose(img)
                 try:
                     rgb = to_rgb(oriented)
                 except ValueError as exc:
-                    raise DataError(f"image file {p} has pixel format {oriented.mode!r}, which cannot be "
+                    raise DataError(f"image file {label} has pixel format {oriented.mode!r}, which cannot be "
                                     f"converted to RGB: {exc}") from None
         return rgb
     except DataError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DataError(f"image file {p} refused as a possible decompression bomb: {exc}") from None
+        raise DataError(f"image file {label} refused as a possible decompression bomb: {exc}") from None
     except Image.UnidentifiedImageError:
-        raise DataError(f"image file {p} is not a readable image (corrupt, or not one of "
+        raise DataError(f"image file {label} is not a readable image (corrupt, or not one of "
                         f"{', '.join(IMAGE_FORMATS)})") from None
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for broken files
-        raise DataError(f"image file {p} could not be decoded (truncated or corrupt?): "
+        raise DataError(f"image file {label} could not be decoded (truncated or corrupt?): "
                         f"{type(exc).__name__}: {exc}") from None
 
 
