@@ -204,7 +204,7 @@ def rgb_attention_figure(images: Sequence[ScoredImage], inputs: np.ndarray, patc
     n = len(images)
     if n == 0 or inputs.shape[0] != n or patches.shape[0] != n or similarity.shape[0] != n:
         raise ValueError(f"rgb_attention_figure: expected {n} inputs, patches and similarity matrices")
-    fig = Figure(figsize=(12, 3.8 * n))
+    fig = Figure(figsize=(12, 0.5 + 3.7 * n))  # the 0.5: room for the title and x label of a single row
     axes = fig.subplots(n, 3, squeeze=False)
     for i, im in enumerate(images):
         a, b, c = axes[i]
