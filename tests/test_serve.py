@@ -420,6 +420,9 @@ def test_serve_refuses_bad_options_missing_weights_and_a_taken_port(ava, capsys,
         taken.close()
     assert f"cannot listen on --host 127.0.0.1 --port {port}" in capsys.readouterr().err
     assert serve.url_of("0.0.0.0", 80) == "http://127.0.0.1:80" and serve.url_of("::1", 8) == "http://[::1]:8"
+    defaults = serve.build_parser().parse_args([])
+    assert Limits(**{k: getattr(defaults, k) for k in ("max_file_bytes", "max_files", "slots", "queue")}) == Limits()
+    assert defaults.host == "127.0.0.1" and defaults.theme_fusion == "isolated"
 
 
 @pytest.mark.slow
@@ -449,7 +452,7 @@ def test_serve_cli_prints_its_url_scores_and_stops_on_ctrl_c(ava, photos):
 
 def chromium_driver(profile: Path):
     """Selenium's Chrome driver on Debian's chromium, headless and offline; skips without them."""
-    webdriver = pytest.importorskip("selenium.webdriver", reason=f"selenium is not installed; {REASON}")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed: pip install -r requirements-deploy.txt")
     if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
         pytest.skip("Chromium is not installed: apt-get install -y chromium chromium-driver")
     options = webdriver.ChromeOptions()
@@ -463,17 +466,17 @@ def chromium_driver(profile: Path):
 
 
 def test_the_page_in_headless_chromium_ranks_photos_and_shows_an_error(ava, photos, bad_files, tmp_path):
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    server, scorer, _ = ava
-    broken = tmp_path / "broken.jpg"
-    broken.write_bytes(bad_files["cut.jpg"])
-    chosen = photos[:2]
-    want = sorted(((r.score, p.name) for r, p in zip(scorer.score_detailed([str(p) for p in chosen]), chosen)),
-                  reverse=True)
-    driver = chromium_driver(tmp_path / "profile")
+    driver = chromium_driver(tmp_path / "profile")  # skips without selenium or Chromium
     try:
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        server, scorer, _ = ava
+        broken = tmp_path / "broken.jpg"
+        broken.write_bytes(bad_files["cut.jpg"])
+        chosen = photos[:2]
+        want = sorted(((r.score, p.name) for r, p in zip(scorer.score_detailed([str(p) for p in chosen]), chosen)),
+                      reverse=True)
         driver.get(server.url + "/")
         wait = WebDriverWait(driver, 60)
         wait.until(lambda d: "Variant ava" in d.find_element(By.ID, "model").text)

@@ -122,7 +122,7 @@ function distribution(row) {
   bars.setAttribute("role", "img");
   bars.setAttribute("aria-label", "Predicted vote distribution over the scores 1 to 10");
   p.forEach((v, k) => {
-    const bar = el("div", v === top ? "bar top" : "bar");
+    const bar = el("div", v === top ? "bar peak" : "bar");
     bar.style.height = `${top > 0 ? (100 * v) / top : 0}%`;
     bar.title = `score ${k + 1}: ${(100 * v).toFixed(1)}%`;
     bars.append(bar);
@@ -156,7 +156,11 @@ function card(item, rank) {
   body.lastChild.title = row.image;
   const line = el("div", "score-line");
   line.append(el("span", "score", row.score.toFixed(2)), el("span", "of", "/ 10"));
-  if (row.std !== undefined && row.std !== null) line.append(el("span", "std", `± ${row.std.toFixed(2)}`));
+  if (row.std !== undefined && row.std !== null) {
+    const std = el("span", "std", `± ${row.std.toFixed(2)}`);
+    std.title = "standard deviation of the predicted vote distribution";
+    line.append(std);
+  }
   body.append(line);
   const meter = el("div", "meter");
   const fill = el("span");
