@@ -452,7 +452,8 @@ def test_serve_cli_prints_its_url_scores_and_stops_on_ctrl_c(ava, photos):
 
 def chromium_driver(profile: Path):
     """Selenium's Chrome driver on Debian's chromium, headless and offline; skips without them."""
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed: pip install -r requirements-deploy.txt")
+    webdriver = pytest.importorskip("selenium.webdriver",
+                                    reason="selenium is not installed: pip install -r requirements-deploy.txt")
     if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
         pytest.skip("Chromium is not installed: apt-get install -y chromium chromium-driver")
     options = webdriver.ChromeOptions()

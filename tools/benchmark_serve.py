@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import platform
 import shlex
 import signal
@@ -123,10 +124,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             info = requests.get(f"{url}/api/info", timeout=60).json()
             post(url, batches[0])  # untimed: the first forward pass sets up the model's kernels
+            load_before = os.getloadavg()[0]
             start = time.perf_counter()
             with ThreadPoolExecutor(args.clients) as pool:
                 latencies = list(pool.map(lambda batch: post(url, batch), batches))
             seconds = time.perf_counter() - start
+            load_after = os.getloadavg()[0]
         finally:
             proc.send_signal(signal.SIGINT)
             try:
@@ -145,12 +148,14 @@ def main(argv: list[str] | None = None) -> int:
         "server": {k: info[k] for k in ("variant", "checkpoint", "device", "theme_fusion", "batch_size", "limits")},
         "serve_args": extra,
         "machine": machine(),
+        "load_average_1min": {"before": load_before, "after": load_after},  # other work sharing the CPU
         "command": shlex.join(["python", "tools/benchmark_serve.py", *(sys.argv[1:] if argv is None else argv)]),
     }
     print(f"{args.images} images of {SIZE[0]}x{SIZE[1]} (JPEG, {report['jpeg_kib_mean']:.0f} KiB on average) in "
           f"requests of {args.per_request} from {args.clients} client(s): {seconds:.1f} s, "
           f"{report['images_per_s']:.2f} images/s end to end (median request {statistics.median(latencies):.2f} s)")
-    print(f"server: {info['variant']} on {info['device']}, batch size {info['batch_size']}; machine: {report['machine']}")
+    print(f"server: {info['variant']} on {info['device']}, batch size {info['batch_size']}; "
+          f"machine: {report['machine']}; load average {load_before:.1f} before, {load_after:.1f} after")
     if args.json:
         atomic_save_json(report, args.json)
     return 0
