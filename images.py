@@ -107,10 +107,13 @@ def load_image(path: str | os.PathLike, *, draft: tuple[int, int] | None = None)
     (width, height): decode a JPEG at a reduced size no smaller than that (faster; other pixels).
     """
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"image file {p} not found" if not p.exists() else f"image path {p} is not a file")
-    if p.stat().st_size == 0:
-        raise DataError(f"image file {p} is empty (0 bytes)")
+    try:
+        if not p.is_file():
+            raise DataError(f"image file {p} not found" if not p.exists() else f"image path {p} is not a file")
+        if p.stat().st_size == 0:
+            raise DataError(f"image file {p} is empty (0 bytes)")
+    except OSError as exc:  # a name too long, a folder that cannot be read, ...
+        raise DataError(f"image file {p} cannot be read: {type(exc).__name__}: {exc}") from None
     return _decode(str(p), str(p), draft)
 
 

@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, TextIO, Union
 
 import numpy as np
 import torch
@@ -617,6 +617,11 @@ def write_results(results: Iterable[ScoreResult], path: str | os.PathLike, varia
         atomic_save_json(rows, path)
         return
     with atomic_write(path, "w") as f:
-        writer = csv.DictWriter(f, fieldnames=output_columns(variant), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+        write_csv_rows(rows, f, variant)
+
+
+def write_csv_rows(rows: Iterable[dict[str, Any]], f: TextIO, variant: str) -> None:
+    """``result_rows`` as CSV on an open text file: the ``output_columns`` header, empty cells for missing values."""
+    writer = csv.DictWriter(f, fieldnames=output_columns(variant), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)

@@ -198,17 +198,19 @@ def rgb_attention_figure(images: Sequence[ScoredImage], inputs: np.ndarray, patc
     """Per image: the model's input, its 12x12 patch colours and the 144x144 cosine-similarity matrix.
 
     ``inputs`` (N, 3, 224, 224) and ``patches`` (N, 3, 12, 12) are ImageNet-normalised (shown
-    de-normalised); ``similarity`` is (N, 144, 144), as the model computes it.
+    de-normalised); ``similarity`` is (N, 144, 144), as the model computes it. An image whose true
+    score is NaN (a photo scored on the web page) is titled with its predicted score alone.
     """
     n = len(images)
     if n == 0 or inputs.shape[0] != n or patches.shape[0] != n or similarity.shape[0] != n:
         raise ValueError(f"rgb_attention_figure: expected {n} inputs, patches and similarity matrices")
-    fig = Figure(figsize=(12, 3.8 * n))
+    fig = Figure(figsize=(12, 0.5 + 3.7 * n))  # the 0.5: room for the title and x label of a single row
     axes = fig.subplots(n, 3, squeeze=False)
     for i, im in enumerate(images):
         a, b, c = axes[i]
         a.imshow(denormalise(inputs[i]))
-        a.set_title(f"{im.name}\ntrue {im.true_score:.2f}, predicted {im.pred_score:.2f}", fontsize=9)
+        truth = f"true {im.true_score:.2f}, " if math.isfinite(im.true_score) else ""  # NaN: not known
+        a.set_title(f"{im.name}\n{truth}predicted {im.pred_score:.2f}", fontsize=9)
         b.imshow(denormalise(patches[i]), interpolation="nearest")
         b.set_title("12x12 patch colours (the 144 tokens)", fontsize=9)
         shown = c.imshow(similarity[i], cmap="RdBu_r", vmin=-1.0, vmax=1.0, interpolation="nearest")

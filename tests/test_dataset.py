@@ -159,6 +159,49 @@ def test_missing_file_and_folder_are_refused(tmp_path):
         images.load_image(tmp_path)
 
 
+def _odd_images(folder):
+    """Files of the modes load_image converts: (name, path)."""
+    la = np.zeros((30, 20, 2), dtype=np.uint8)
+    la[:15, :, 1] = 255
+    Image.fromarray(la, "LA").save(folder / "la.png")
+    Image.new("CMYK", (20, 30), (0, 255, 255, 0)).save(folder / "c.jpg", quality=95)
+    Image.fromarray(np.array([[0, 25700, 65535]], dtype=np.uint16)).save(folder / "i16.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 20, 3), dtype=np.uint8)).save(
+        folder / "rot.jpg", exif=exif.tobytes())
+    return [write_image(folder / "a.jpg"), write_image(folder / "g.png", mode="L"), folder / "la.png",
+            folder / "c.jpg", folder / "i16.png", folder / "rot.jpg"]
+
+
+def test_decode_image_gives_load_images_pixels(tmp_path):
+    for path in _odd_images(tmp_path):
+        from_file = ds.load_image(path)
+        from_bytes = images.decode_image(path.read_bytes(), "upload")
+        assert from_bytes.mode == "RGB" and from_bytes.size == from_file.size, path.name
+        assert (np.asarray(from_bytes) == np.asarray(from_file)).all(), path.name
+
+
+@pytest.mark.parametrize("content", [b"this is not an image\n", b"\xff\xd8\xff\xe0garbage",
+                                     b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 20 30\n"])
+def test_decode_image_refuses_non_images_naming_the_label(content):
+    with pytest.raises(DataError, match="image file my photo.jpg (is not a readable image|could not be decoded)"):
+        images.decode_image(content, "my photo.jpg")
+
+
+def test_decode_image_refuses_empty_truncated_and_bomb(tmp_path, monkeypatch):
+    with pytest.raises(DataError, match="image file e.jpg is empty"):
+        images.decode_image(b"", "e.jpg")
+    data = write_image(tmp_path / "full.jpg", size=(64, 64)).read_bytes()
+    with pytest.raises(DataError, match="image file cut.jpg could not be decoded"):
+        images.decode_image(data[: len(data) // 2], "cut.jpg")
+    png = write_image(tmp_path / "bomb.png").read_bytes()
+    for max_pixels in (100, 400):
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", max_pixels)
+        with pytest.raises(DataError, match="image file bomb.png refused as a possible decompression bomb"):
+            images.decode_image(png, "bomb.png")
+
+
 # --------------------------------------------------------------------------- transforms
 
 def _reference(style, train):

@@ -310,3 +310,13 @@ def test_rgb_attention_figure_from_a_model(ava_model, tmp_path):
     path.write_bytes(figures.png_bytes(fig))
     assert_valid_png(path)
 
+
+
+def test_rgb_attention_figure_titles_an_unknown_true_score_with_the_prediction_alone():
+    rng = np.random.default_rng(0)
+    inputs, patches = rng.normal(size=(2, 3, 224, 224)), rng.normal(size=(2, 3, 12, 12))
+    sim = rng.uniform(-1, 1, size=(2, 144, 144))
+    fig = figures.rgb_attention_figure([ScoredImage("a.jpg", 3.0, 4.0), ScoredImage("b.jpg", float("nan"), 5.0)],
+                                       inputs, patches, sim)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title().endswith(("4.00", "5.00"))]
+    assert titles == ["a.jpg\ntrue 3.00, predicted 4.00", "b.jpg\npredicted 5.00"]

@@ -1,0 +1,186 @@
+"""A local web page and JSON API that score photos with a trained TANet (1..10 scale).
+
+    python serve.py --path_to_model_weight SRCC_758_LCC_765.pth      # then open the printed URL
+
+Needs ``pip install -r requirements-deploy.txt``. See docs/serve.md for the page and the API.
+Exit status: 0 after Ctrl-C, 2 for a usage error (bad option, weights, missing packages, port taken).
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import re
+import socket
+import sys
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from console import one_line, safe_text
+from download import DownloadError
+from runtime import ALLOCATORS, tune_cpu_allocator
+from scoring import AMP_MODES, NO_WEIGHTS_HELP, Scorer, ScoringWarning
+
+PROG = "serve.py"
+EXIT_OK, EXIT_USAGE = 0, 2
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMG]i?B?)?\s*$", re.IGNORECASE)
+
+
+def byte_size(text: str) -> int:
+    """A size in bytes: ``26214400``, ``25M`` / ``25MB`` / ``25MiB`` (powers of 1024), ``K`` and ``G`` alike."""
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a size in bytes such as 26214400 or 25M, got {text!r}")
+    unit = (match.group(2) or " ")[0].upper()
+    value = int(match.group(1)) * {" ": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[unit]
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
+    return value
+
+
+def _count(low: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Serve a local web page and JSON API that score photos "
+                                                       "with a trained TANet on the 1..10 scale.")
+    w = p.add_argument_group("weights")
+    w.add_argument("--path_to_model_weight", default=None,
+                   help="TANet checkpoint: a path, or a released file name looked up in --checkpoints_dir")
+    w.add_argument("--variant", choices=("tad66k", "ava"), default=None,
+                   help="model variant, only needed when the checkpoint does not tell (it must agree with it)")
+    w.add_argument("--checkpoints_dir", default=None,
+                   help="folder of weight files (default: $TANET_CHECKPOINTS or checkpoints/)")
+    w.add_argument("--download", action="store_true", help="download a released checkpoint that is not there yet")
+    w.add_argument("--allow_unsafe_load", action="store_true",
+                   help="allow weight files that need full unpickling (can run code: trusted files only)")
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 opens it to the "
+                        "network)")
+    s.add_argument("--port", type=_count(0), default=8000, help="port (default: 8000; 0: any free port)")
+    limits = p.add_argument_group("limits")
+    limits.add_argument("--max_file_bytes", type=byte_size, default=25 << 20,
+                        help="largest file accepted, e.g. 25M (default: 25 MiB); a larger one gets an error")
+    limits.add_argument("--max_files", type=_count(1), default=8, help="files per request (default: 8)")
+    limits.add_argument("--slots", type=_count(1), default=1,
+                        help="requests scored at once (default: 1; each uses the model's CPU threads)")
+    limits.add_argument("--queue", type=_count(0), default=4,
+                        help="requests waiting for a slot; beyond, the answer is 503 busy (default: 4)")
+    r = p.add_argument_group("run")
+    r.add_argument("--device", default="auto", help="auto (CUDA when present; the default), cpu, cuda or cuda:N")
+    r.add_argument("--theme_fusion", choices=("isolated", "batch"), default="isolated",
+                   help="isolated (default): every photo scored alone; batch: the reference (a score then "
+                        "depends on the other photos of its request)")
+    r.add_argument("--batch_size", type=_count(1), default=8, help="images per forward pass (default: 8)")
+    r.add_argument("--amp", choices=AMP_MODES, default="none",
+                   help="autocast precision (default: none; fp16: CUDA only)")
+    r.add_argument("--allocator", choices=ALLOCATORS, default="tuned",
+                   help="on the CPU, tuned (default): freed tensor memory is kept for the next batch")
+    r.add_argument("--threads", type=_count(1), default=None,
+                   help="CPU threads of the model (default: PyTorch's)")
+    return p
+
+
+def url_of(host: str, port: int) -> str:
+    """The address to open for a server listening on ``host``:``port``."""
+    shown = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    try:
+        if ipaddress.ip_address(shown).version == 6:
+            shown = f"[{shown}]"
+    except ValueError:
+        pass  # a host name
+    return f"http://{shown}:{port}"
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host``:``port`` (port 0: a free one); OSError if it cannot be had."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    print(f"{PROG}: warning: {safe_text(message)}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the server until Ctrl-C; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _print_warning
+        warnings.simplefilter("always", ScoringWarning)
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from webapp import Limits, create_app
+    except ImportError as exc:
+        print(f"{PROG}: error: {one_line(exc)}; install the web extra: pip install -r requirements-deploy.txt",
+              file=sys.stderr)
+        return EXIT_USAGE
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        if not args.path_to_model_weight:
+            raise ValueError(NO_WEIGHTS_HELP)
+        limits = Limits(max_file_bytes=args.max_file_bytes, max_files=args.max_files, slots=args.slots,
+                        queue=args.queue)
+    except ValueError as exc:
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        sock = bind(args.host, args.port)  # before the slow model load: a taken port fails at once
+    except OSError as exc:
+        print(f"{PROG}: error: cannot listen on --host {safe_text(args.host)} --port {args.port}: {one_line(exc)}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        scorer = Scorer(args.path_to_model_weight, variant=args.variant, device=args.device,
+                        theme_fusion=args.theme_fusion, batch_size=args.batch_size, amp=args.amp,
+                        allow_unsafe_load=args.allow_unsafe_load, checkpoints_dir=args.checkpoints_dir,
+                        download=args.download)
+    except (ValueError, FileNotFoundError, DownloadError) as exc:  # CheckpointError is a ValueError
+        sock.close()
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.allocator == "tuned" and scorer.device.type == "cpu":
+        tune_cpu_allocator()
+    app = create_app(scorer, limits)
+    port = sock.getsockname()[1]
+    where = "" if args.host in ("127.0.0.1", "localhost", "::1") else \
+        f" (listening on {safe_text(args.host)}: other machines can reach it)"
+    checkpoint = scorer.checkpoint.name if scorer.checkpoint else "?"
+    print(f"{PROG}: TANet {scorer.variant} ({checkpoint}, {scorer.device}) scoring page at "
+          f"{url_of(args.host, port)}{where}; Ctrl-C stops it", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
