@@ -233,7 +233,8 @@ def test_a_client_file_name_is_only_a_label(ava, photos):
     names = ["../../etc/passwd", "C:\\Users\\me\\été.jpg", "evil\x1b[31m.jpg", ""]
     rows = post_files(f"{server.url}/api/score", [(n, photos[0].read_bytes()) for n in names]).json()["results"]
     assert [r["image"] for r in rows] == ["passwd", "été.jpg", "evil\\x1b[31m.jpg", "file 4"]
-    assert len({r["score"] for r in rows}) == 1 and all(r["error"] == "" for r in rows)
+    scores = [r["score"] for r in rows]  # the same photo four times: one score, up to float rounding
+    assert max(scores) - min(scores) < 1e-5 and all(r["error"] == "" for r in rows)
     assert label(b"x" * 500, 1).endswith("...") and len(label(b"x" * 500, 1)) == 200
 
 
