@@ -5,15 +5,17 @@ A bottom-layer helper: it imports nothing of ours.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
 from tqdm import tqdm
 
-__all__ = ["safe_text", "clip", "one_line", "SafeFormatter", "progress", "is_terminal"]
+__all__ = ["safe_text", "clip", "one_line", "SafeFormatter", "progress", "is_terminal", "warnings_as_lines"]
 
 MAX_MESSAGE = 1000  # characters of an error line
 LINE_EVERY = 10  # percent of a long loop between two progress lines in a log ...
@@ -51,6 +53,20 @@ class SafeFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return safe_text(super().format(record))
+
+
+@contextlib.contextmanager
+def warnings_as_lines(prog: str, always: type[Warning] | None = None) -> Iterator[None]:
+    """Within the block, a warning prints as one escaped line ``PROG: warning: ...`` on standard error
+    (no file and line of the code); those of the category ``always`` every time they occur."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        print(f"{prog}: warning: {safe_text(message)}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        if always is not None:
+            warnings.simplefilter("always", always)
+        yield
 
 
 def is_terminal(stream: IO[str] | None = None) -> bool:

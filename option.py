@@ -105,6 +105,23 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
                       help="--dataset demo: how many training and test images to generate")
 
 
+def add_checkpoint_options(p: argparse.ArgumentParser | argparse._ArgumentGroup, *, weight_option: bool = True) -> None:
+    """The options that find a TANet checkpoint to score with (predict.py, serve.py, tools/export.py):
+    ``--path_to_model_weight`` (unless the script takes it as a positional argument), ``--variant``,
+    ``--checkpoints_dir``, ``--download``, ``--allow_unsafe_load``."""
+    if weight_option:
+        p.add_argument("--path_to_model_weight", default=None,
+                       help="TANet checkpoint: a path (ours, a released one, or an ONNX export), or a released "
+                            "file name looked up in --checkpoints_dir")
+    p.add_argument("--variant", choices=VARIANT_NAMES, default=None,
+                   help="model variant, only needed when the checkpoint does not tell (it must agree with it)")
+    p.add_argument("--checkpoints_dir", default=None,
+                   help="folder of weight files (default: $TANET_CHECKPOINTS or checkpoints/)")
+    p.add_argument("--download", action="store_true", help="download a released checkpoint that is not there yet")
+    p.add_argument("--allow_unsafe_load", action="store_true",
+                   help="allow weight files that need full unpickling (can run code: trusted files only)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Train or evaluate TANet (plain script or NNI trial).",

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from console import one_line, safe_text
+import option
+from console import one_line, safe_text, warnings_as_lines
 from option import non_negative_int, positive_int
 from scoring import (
     NO_WEIGHTS_HELP,
@@ -42,16 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "a .txt list (one path per line) or a .csv list (an 'image' column).",
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="images, folders, .txt or .csv image lists")
-    w = p.add_argument_group("weights")
-    w.add_argument("--path_to_model_weight", default=None,
-                   help="TANet checkpoint: a path, or a released file name looked up in --checkpoints_dir")
-    w.add_argument("--variant", choices=("tad66k", "ava"), default=None,
-                   help="model variant, only needed when the checkpoint does not tell (it must agree with it)")
-    w.add_argument("--checkpoints_dir", default=None, help="folder of weight files (default: $TANET_CHECKPOINTS "
-                                                          "or checkpoints/)")
-    w.add_argument("--download", action="store_true", help="download a released checkpoint that is not there yet")
-    w.add_argument("--allow_unsafe_load", action="store_true",
-                   help="allow weight files that need full unpickling (can run code: trusted files only)")
+    option.add_checkpoint_options(p.add_argument_group("weights"))
     i = p.add_argument_group("inputs")
     i.add_argument("--recursive", action="store_true", help="also score the images in subfolders of a folder")
     i.add_argument("--path_to_images", default=None,
@@ -110,10 +101,6 @@ def format_table(results: Sequence[ScoreResult], variant: str) -> str:
     return "\n".join(text)
 
 
-def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
-    print(f"{PROG}: warning: {safe_text(message)}", file=sys.stderr)
-
-
 def _report_skipped(skipped: Sequence[tuple[str, str]], shown: int = 5) -> None:
     """One line per skipped file (the first few), then how many more."""
     for path, why in skipped[:shown]:
@@ -125,9 +112,7 @@ def _report_skipped(skipped: Sequence[tuple[str, str]], shown: int = 5) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = build_parser().parse_args(argv)
-    with warnings.catch_warnings():
-        warnings.showwarning = _print_warning
-        warnings.simplefilter("always", ScoringWarning)
+    with warnings_as_lines(PROG, always=ScoringWarning):
         return _run(args)
 
 

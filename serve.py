@@ -12,15 +12,15 @@ import ipaddress
 import re
 import socket
 import sys
-import warnings
 from collections.abc import Sequence
 
 import torch
 
-from console import one_line, safe_text
+import option
+from console import one_line, safe_text, warnings_as_lines
 from download import DownloadError
-from runtime import ALLOCATORS, tune_cpu_allocator
-from scoring import AMP_MODES, NO_WEIGHTS_HELP, Scorer, ScoringWarning
+from runtime import ALLOCATORS, AMP_MODES, tune_cpu_allocator, usable_cpus
+from scoring import NO_WEIGHTS_HELP, Scorer, ScoringWarning
 
 PROG = "serve.py"
 EXIT_OK, EXIT_USAGE = 0, 2
@@ -51,16 +51,7 @@ def _count(low: int):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Serve a local web page and JSON API that score photos "
                                                        "with a trained TANet on the 1..10 scale.")
-    w = p.add_argument_group("weights")
-    w.add_argument("--path_to_model_weight", default=None,
-                   help="TANet checkpoint: a path, or a released file name looked up in --checkpoints_dir")
-    w.add_argument("--variant", choices=("tad66k", "ava"), default=None,
-                   help="model variant, only needed when the checkpoint does not tell (it must agree with it)")
-    w.add_argument("--checkpoints_dir", default=None,
-                   help="folder of weight files (default: $TANET_CHECKPOINTS or checkpoints/)")
-    w.add_argument("--download", action="store_true", help="download a released checkpoint that is not there yet")
-    w.add_argument("--allow_unsafe_load", action="store_true",
-                   help="allow weight files that need full unpickling (can run code: trusted files only)")
+    option.add_checkpoint_options(p.add_argument_group("weights"))
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 opens it to the "
@@ -80,12 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="isolated (default): every photo scored alone; batch: the reference (a score then "
                         "depends on the other photos of its request)")
     r.add_argument("--batch_size", type=_count(1), default=8, help="images per forward pass (default: 8)")
-    r.add_argument("--amp", choices=AMP_MODES, default="none",
-                   help="autocast precision (default: none; fp16: CUDA only)")
+    r.add_argument("--amp", choices=AMP_MODES, default="auto",
+                   help="precision: auto (the default: bf16 on a GPU or a CPU with bfloat16 instructions, else "
+                        "float32), none (float32), bf16, fp16 (CUDA only)")
+    r.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
+                   help="score with BatchNorm folded and convolutions fused, channels-last (the default, as predict.py)")
     r.add_argument("--allocator", choices=ALLOCATORS, default="tuned",
                    help="on the CPU, tuned (default): freed tensor memory is kept for the next batch")
     r.add_argument("--threads", type=_count(1), default=None,
-                   help="CPU threads of the model (default: PyTorch's)")
+                   help="CPU threads of the model (default: every usable core)")
     return p
 
 
@@ -116,16 +110,10 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
-    print(f"{PROG}: warning: {safe_text(message)}", file=sys.stderr)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the server until Ctrl-C; returns the exit status."""
     args = build_parser().parse_args(argv)
-    with warnings.catch_warnings():
-        warnings.showwarning = _print_warning
-        warnings.simplefilter("always", ScoringWarning)
+    with warnings_as_lines(PROG, always=ScoringWarning):
         return _run(args)
 
 
@@ -138,8 +126,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{PROG}: error: {one_line(exc)}; install the web extra: pip install -r requirements-deploy.txt",
               file=sys.stderr)
         return EXIT_USAGE
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    # the model gets the machine: uploads are decoded in this process, between the forward passes
+    torch.set_num_threads(args.threads if args.threads is not None else usable_cpus())
     try:
         if not args.path_to_model_weight:
             raise ValueError(NO_WEIGHTS_HELP)
@@ -156,7 +144,7 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         scorer = Scorer(args.path_to_model_weight, variant=args.variant, device=args.device,
-                        theme_fusion=args.theme_fusion, batch_size=args.batch_size, amp=args.amp,
+                        theme_fusion=args.theme_fusion, batch_size=args.batch_size, amp=args.amp, fast=args.fast,
                         allow_unsafe_load=args.allow_unsafe_load, checkpoints_dir=args.checkpoints_dir,
                         download=args.download)
     except (ValueError, FileNotFoundError, DownloadError) as exc:  # CheckpointError is a ValueError

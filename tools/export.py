@@ -21,6 +21,7 @@ if str(REPO_DIR) not in sys.path:  # run as `python tools/export.py`
 
 import torch  # noqa: E402
 
+import option  # noqa: E402
 from console import one_line  # noqa: E402
 from download import DownloadError  # noqa: E402
 from export import ExportError, OnnxModel, export_onnx  # noqa: E402
@@ -36,13 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a TANet checkpoint: ours (runs/<name>/best.pth) or a released one (a path or "
                                       "its registry name, looked up in --checkpoints_dir)")
     p.add_argument("--out", required=True, help="the .onnx file to write")
-    p.add_argument("--variant", choices=("tad66k", "ava"), default=None,
-                   help="only needed when the checkpoint does not tell (it must agree with it)")
-    p.add_argument("--checkpoints_dir", default=None, help="folder of weight files (default: $TANET_CHECKPOINTS "
-                                                          "or checkpoints/)")
-    p.add_argument("--download", action="store_true", help="download a released checkpoint that is not there yet")
-    p.add_argument("--allow_unsafe_load", action="store_true",
-                   help="allow weight files that need full unpickling (can run code: trusted files only)")
+    option.add_checkpoint_options(p, weight_option=False)
     return p
 
 
