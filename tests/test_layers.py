@@ -11,7 +11,8 @@ LAYERS = {  # lower numbers are lower layers
     0: {"util", "safe_io", "download", "runlock", "runtime", "console"},
     1: {"presets", "option"},
     2: {"images", "dataset", "demo_data", "personal_data", "models"},
-    3: {"engine", "run_data", "scoring", "report", "image_check", "cache", "augment", "export", "webapp"},
+    3: {"engine", "run_data", "scoring", "report", "image_check", "cache", "augment", "export", "webapp",
+        "ablation", "personalize"},
     4: {"main_nni", "predict", "serve", "report.__main__", "tools"},
 }
 FORBIDDEN = {("dataset", "models"), ("models", "dataset"), ("images", "models"), ("models", "images"),

@@ -1,0 +1,162 @@
+"""The paper's ablation (Table 5): APNet alone, APNet + TUNet, APNet + RGBNet and the full TANet, each
+trained and tested by ``main_nni.py`` with the same data and recipe over several seeds, then the table
+in the paper's layout (SRCC, PLCC, MSE or EMD, training images/s; mean ± std over seeds).
+
+Every run is a ``main_nni.py`` child process in its own folder under the table's folder; a rerun after
+an interruption skips the finished runs and resumes the interrupted one (``--resume``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from console import progress
+from safe_io import atomic_save_json, atomic_write
+
+REPO = Path(__file__).resolve().parent
+# The rows of Table 5: the paper's name of each variant and its branches.
+VARIANTS = (("APNet", ("aesthetics",)), ("APNet + TUNet", ("aesthetics", "theme")),
+            ("APNet + RGBNet", ("aesthetics", "rgb")), ("TANet", ("aesthetics", "theme", "rgb")))
+# The paper's Table 5 on TAD66K (SRCC, PLCC, MSE): quoted, for comparison.
+PAPER = {"APNet": (0.440, 0.457, 0.020), "APNet + TUNet": (0.483, 0.513, 0.017),
+         "APNet + RGBNet": (0.462, 0.478, 0.019), "TANet": (0.513, 0.531, 0.016)}
+# Options the table sets for every run; the rest of main_nni.py's options are the caller's.
+OWN_OPTIONS = ("--branches", "--seed", "--experiment_dir_name", "--resume", "--test_only")
+
+
+class AblationError(ValueError):
+    """A table that cannot be made (the message says why)."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of the table: a variant with a seed."""
+
+    name: str
+    branches: tuple[str, ...]
+    seed: int
+    folder: Path
+
+    def command(self, options: Sequence[str]) -> list[str]:
+        return [sys.executable, str(REPO / "main_nni.py"), *options, "--branches", ",".join(self.branches),
+                "--seed", str(self.seed), "--experiment_dir_name", str(self.folder), "--quiet"]
+
+
+def plan(out: Path, seeds: Sequence[int]) -> list[Run]:
+    """Every (variant, seed) run, the variants in the table's order."""
+    return [Run(name, branches, seed, out / f"{'-'.join(branches)}-seed{seed}") for name, branches in VARIANTS
+            for seed in seeds]
+
+
+def check_options(options: Sequence[str]) -> None:
+    """Refuse the options the table sets itself."""
+    taken = [o for o in options if o.split("=")[0] in OWN_OPTIONS]
+    if taken:
+        raise AblationError(f"{', '.join(taken)}: the ablation table sets these for each run itself")
+
+
+def finished(run: Run) -> bool:
+    return (run.folder / "results.json").is_file()
+
+
+def execute(run: Run, options: Sequence[str], log: Path) -> None:
+    """Train and test one run (resuming it when an earlier attempt was interrupted), output into ``log``."""
+    command = run.command(options)
+    if (run.folder / "last.pth").is_file() or (run.folder / "best.pth").is_file():
+        command.append("--resume")
+    with open(log, "a", encoding="utf-8") as f:
+        f.write(f"$ {shlex.join(command)}\n")
+        f.flush()
+        done = subprocess.run(command, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if done.returncode != 0:
+        raise AblationError(f"the run {run.folder.name} failed (exit {done.returncode}); its output is in {log}, "
+                            f"its folder {run.folder}; run the same command again to go on")
+
+
+def run_seconds(run: Run) -> float:
+    """Training and test time of a finished run (its epochs and its test, as results.json records them)."""
+    results = json.loads((run.folder / "results.json").read_text())
+    return sum(e["seconds"] for e in results.get("history", [])) + results.get("test_seconds", 0.0)
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not finite:
+        return math.nan, math.nan
+    return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else 0.0
+
+
+def summarise(runs: Sequence[Run]) -> dict:
+    """The table's numbers from the runs' results.json: per variant, mean and std over seeds."""
+    rows = []
+    for name, branches in VARIANTS:
+        mine = [r for r in runs if r.name == name]
+        results = [json.loads((r.folder / "results.json").read_text()) for r in mine]
+        error_key = "emd" if results and "emd" in results[0] else "mse"
+        speeds = [statistics.fmean(e["train_images_per_s"] for e in res["history"]) for res in results
+                  if res.get("history")]
+        row = {"variant": name, "branches": list(branches), "seeds": [r.seed for r in mine], "error": error_key}
+        for key in ("srcc", "plcc", error_key):
+            row[key] = _mean_std([res[key] for res in results])
+            row[f"{key}_per_seed"] = [res[key] for res in results]
+        row["train_images_per_s"] = _mean_std(speeds)
+        row["undefined_seeds"] = [r.seed for r, res in zip(mine, results) if "undefined" in res]
+        rows.append(row)
+    return {"rows": rows}
+
+
+def _cell(value: tuple[float, float], digits: int = 3) -> str:
+    mean, std = value
+    return "n/a" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def markdown(table: dict) -> str:
+    """The table in the paper's layout, with the paper's TAD66K figures beside it (quoted)."""
+    error = table["rows"][0]["error"].upper()
+    lines = [f"| variant | branches | SRCC | PLCC | {error} | training images/s | paper (TAD66K): SRCC / PLCC / MSE |",
+             "|---|---|---|---|---|---|---|"]
+    for row in table["rows"]:
+        paper = "{:.3f} / {:.3f} / {:.3f}".format(*PAPER[row["variant"]])
+        lines.append(f"| {row['variant']} | {', '.join(row['branches'])} | {_cell(row['srcc'])} | {_cell(row['plcc'])} "
+                     f"| {_cell(row[row['error']], 4)} | {_cell(row['train_images_per_s'], 1)} | {paper} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_table(out: str | os.PathLike, seeds: Sequence[int], options: Sequence[str], *, show_progress: bool = True,
+              on_run: Callable[[Run], None] | None = None) -> dict:
+    """Run what is missing of the table in ``out`` (``options``: main_nni.py's data and recipe options),
+    then write ``out/table5.md`` and ``out/table5.json``; returns the JSON."""
+    if not seeds:
+        raise AblationError("give at least one seed")
+    check_options(options)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    runs = plan(folder, seeds)
+    started = time.monotonic()
+    todo = [r for r in runs if not finished(r)]
+    with progress(total=len(runs), initial=len(runs) - len(todo), desc="ablation", unit="run",
+                  enabled=show_progress) as bar:
+        for run in todo:
+            execute(run, options, folder / "runs.log")
+            bar.update(1)
+            if on_run is not None:
+                on_run(run)
+    table = summarise(runs)
+    table.update({"seeds": list(seeds), "options": list(options), "seconds_this_call": time.monotonic() - started,
+                  "seconds_of_the_runs": sum(run_seconds(r) for r in runs),
+                  "commands": ["python " + shlex.join(r.command(options)[1:]).replace(str(REPO) + os.sep, "")
+                               for r in runs]})
+    atomic_save_json(table, folder / "table5.json")
+    with atomic_write(folder / "table5.md", "w") as f:
+        f.write(markdown(table))
+    return table

@@ -1,0 +1,51 @@
+"""The ablation table (Table 5): every variant trained and tested by main_nni.py over the seeds, the
+table in the paper's layout, and a rerun after an interruption that runs only what is missing."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import ablation
+
+
+@pytest.fixture
+def options(demo_root):
+    return ["--dataset", "demo", "--demo_images", "48", "16", "--path_to_save_csv", str(demo_root), "--max_images",
+            "16", "--batch_size", "8", "--num_epoch", "1", "--num_workers", "0", "--device", "cpu", "--no_report"]
+
+
+def test_the_table_sets_branches_and_seeds_itself(tmp_path):
+    with pytest.raises(ablation.AblationError, match="--seed"):
+        ablation.run_table(tmp_path, [0], ["--seed", "3"], show_progress=False)
+    runs = ablation.plan(tmp_path, [0, 1])
+    assert [r.name for r in runs[::2]] == ["APNet", "APNet + TUNet", "APNet + RGBNet", "TANet"]
+    assert runs[-1].branches == ("aesthetics", "theme", "rgb") and runs[-1].folder.name == "aesthetics-theme-rgb-seed1"
+    command = runs[0].command(["--dataset", "demo"])
+    assert command[-7:] == ["--branches", "aesthetics", "--seed", "0", "--experiment_dir_name",
+                            str(tmp_path / "aesthetics-seed0"), "--quiet"]
+
+
+@pytest.mark.slow
+def test_the_table_is_made_and_a_rerun_runs_only_what_is_missing(tmp_path, options):
+    done = []
+
+    def interrupt_after_two(run):
+        done.append(run.folder.name)
+        if len(done) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ablation.run_table(tmp_path, [0], options, show_progress=False, on_run=interrupt_after_two)
+    first = {name: (tmp_path / name / "results.json").read_bytes() for name in done}
+    rerun = []
+    table = ablation.run_table(tmp_path, [0], options, show_progress=False, on_run=lambda r: rerun.append(r.folder.name))
+    assert rerun == ["aesthetics-rgb-seed0", "aesthetics-theme-rgb-seed0"]
+    assert all((tmp_path / name / "results.json").read_bytes() == data for name, data in first.items())
+    assert json.loads((tmp_path / "table5.json").read_text()) == json.loads(json.dumps(table))
+    rows = {row["variant"]: row for row in table["rows"]}
+    assert set(rows) == {"APNet", "APNet + TUNet", "APNet + RGBNet", "TANet"}
+    assert all(row["train_images_per_s"][0] > 0 and row["error"] == "mse" for row in rows.values())
+    text = (tmp_path / "table5.md").read_text()
+    assert "| APNet + RGBNet | aesthetics, rgb |" in text and "0.513 / 0.531 / 0.016" in text
+    assert all(c.startswith("python main_nni.py --dataset demo") for c in table["commands"])
