@@ -212,6 +212,10 @@ def test_build_tad66k_defaults_to_the_shipped_csvs(tmp_path):
     # no images needed to build the datasets; the carved split goes to split_dir, not into the repo
     sets = ds.build_datasets("tad66k", variant="tad66k", image_dir=tmp_path, validation="split",
                              split_dir=tmp_path / "splits")
+    # the split every TAD66K run and trial uses: 10%, stratified by theme, seed 0, as it always was
+    info = json.loads((tmp_path / "splits" / "split_info.json").read_text())
+    assert info["val_sha256"] == "d088ea99946d2e373bb648ef1237d528f1732b80a30041f3462bf22ce0fe1d94"
+    assert info["n_val"] == 5225 and info["stratified_by_theme"]
     assert (len(sets["train"]) + len(sets["val"]), len(sets["test"])) == (52248, 14079)
     assert len(sets["val"]) == round(0.1 * 52248)
     assert all(sets["test"].themes) and len(set(sets["test"].themes)) == 47
