@@ -298,3 +298,20 @@ def test_build_demo_generates_on_first_use(tmp_path):
     assert item["image"].shape == (3, 224, 224) and item["theme"] in ("architecture", "flower", "mono", "vintage")
     assert 1.0 <= item["score"] <= 10.0
     assert check_images(sets["train"], mode="exists") is sets["train"]
+
+
+def test_the_reference_csv_form_is_accepted(tmp_path, caplog):
+    """--path_to_save_csv ./dataset/merge/ (train.csv and test.csv directly), per-theme metrics when the
+    theme CSVs are beside it (../unmerge/), and a message naming both forms when neither is there."""
+    made = make_tad66k(tmp_path / "dataset")  # dataset/merge/{train,test}.csv, dataset/unmerge/...
+    sets = ds.build_datasets("tad66k", variant="tad66k", image_dir=made / "images", csv_dir=made / "merge")
+    assert len(sets["test"]) == 4 and set(sets["test"].themes) == {"cat", "dog"}
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("train.csv", "test.csv"):
+        (bare / name).write_bytes((made / "merge" / name).read_bytes())
+    with caplog.at_level("WARNING", logger="dataset"):
+        sets = ds.build_datasets("tad66k", variant="tad66k", image_dir=made / "images", csv_dir=bare)
+    assert sets["test"].themes == [""] * 4 and "no per-theme CSVs" in caplog.text
+    with pytest.raises(DataError, match=r"--path_to_save_csv.*neither merge/train.csv and merge/test.csv"):
+        ds.build_datasets("tad66k", variant="tad66k", image_dir=made / "images", csv_dir=tmp_path / "nothing")

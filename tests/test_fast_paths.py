@@ -14,7 +14,7 @@ import torch
 
 from engine import autocast, make_loader, prepare_images, to_device
 from golden import golden_input, golden_state_dict
-from models import TANet, fold_batchnorm
+from models import conv_fusion_available, TANet, fold_batchnorm
 from path_helpers import CPU, golden_batches, golden_scores, golden_tanet, needs_native_bf16, perturb_batchnorm
 from runtime import cpu_has_native_bf16
 
@@ -188,7 +188,19 @@ def test_benchmark_path_names():
     assert (p.compile, p.amp, p.channels_last, p.isolated) == (True, "bf16", True, False)
     assert bench.parse_path("isolated+bf16", CPU, train=False).isolated
     assert bench.parse_path("foldbn+bf16+channels_last", CPU, train=False).fold_bn
-    assert bench.parse_path("foldbn+fuse+bf16+channels_last", CPU, train=False).fuse
+    assert bench.parse_path("foldbn+fuse+channels_last", CPU, train=False).fuse
+    if conv_fusion_available(torch.bfloat16):
+        assert bench.parse_path("foldbn+fuse+bf16+channels_last", CPU, train=False).fuse
+    else:
+        with pytest.raises(ValueError, match="no AVX-512"):
+            bench.parse_path("foldbn+fuse+bf16+channels_last", CPU, train=False)
+    onnx = bench.parse_path("onnx", CPU, train=False)
+    assert onnx.onnx and onnx.isolated
+    with pytest.raises(ValueError, match="CPU evaluation path"):
+        bench.parse_path("onnx", CPU, train=True)
+    low = "bf16+" if cpu_has_native_bf16() else ""
+    assert f"isolated+foldbn+fuse+{low}channels_last" in bench.cpu_paths(train=False)
+    assert ("bf16+channels_last" in bench.cpu_paths(train=True)) == cpu_has_native_bf16()
     with pytest.raises(ValueError, match="CPU evaluation path, with foldbn"):
         bench.parse_path("foldbn+fuse+fp16", torch.device("cuda"), train=False)
     for name, train, message in (("fp16", True, "needs CUDA"), ("bf16+fp16", True, "one of"),
