@@ -4,7 +4,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import shutil
 import math
 import shutil
 import subprocess
