@@ -11,7 +11,7 @@ LAYERS = {  # lower numbers are lower layers
     0: {"util", "safe_io", "download", "runlock", "runtime", "console"},
     1: {"presets", "option"},
     2: {"dataset", "demo_data", "personal_data", "flickr_aes", "models"},
-    3: {"engine", "run_data", "scoring", "report", "image_check", "cache", "export"},
+    3: {"engine", "run_data", "scoring", "report", "image_check", "cache", "export", "personalize"},
     4: {"main_nni", "predict", "serve", "report.__main__", "tools"},
 }
 FORBIDDEN = {("dataset", "models"), ("models", "dataset"), ("option", "*")}
