@@ -62,7 +62,7 @@ class Recipe:
 
     parts: str = "heads"
     lr: float = 1e-3
-    epochs: int = 30
+    epochs: int = 100
     batch_size: int = 0
     weight_decay: float = 0.0
     dropout: bool = False
