@@ -129,8 +129,8 @@ def read_test_workers(path: str | os.PathLike) -> list[str]:
         raise DataError(f"test-workers file {path} lists no workers (one worker id per line, or a CSV with a "
                         f"worker column)")
     first_cells = [c.strip() for c in next(csv.reader([content[0][1]]))]
-    if "worker" in first_cells:
-        header, rows = _csv_rows(text, path, "test-workers file")
+    if "worker" in first_cells:  # a CSV from its header on (comment lines before it are skipped)
+        header, rows = _csv_rows("\n".join(lines[content[0][0] - 1:]), path, "test-workers file")
         column = header.index("worker")
         entries = [(f"row {i}", row[column] if column < len(row) else "") for i, row in enumerate(rows, start=1)]
     else:

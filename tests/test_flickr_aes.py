@@ -99,6 +99,7 @@ def test_reader_names_a_missing_file(tmp_path):
     "worker\nA1\nA3\n",
     "worker, images\nA1, 120\n A3 , 140\n",
     "n, worker\n1, A1\n2, A3\n",
+    "# the published split\nworker\nA1\nA3\n",
 ])
 def test_worker_list_one_per_line_or_a_csv_with_a_worker_column(tmp_path, text):
     assert fa.read_test_workers(write(tmp_path / "w.txt", text)) == ["A1", "A3"]
