@@ -104,7 +104,7 @@ def read_bounded_text(path: str | os.PathLike, what: str = "CSV", max_bytes: int
                         f"save the file as UTF-8") from None
 
 
-def _check_header(text: str, path: Path) -> None:
+def check_csv_header(text: str, path: Path) -> None:
     """At most ``MAX_CSV_COLUMNS`` columns, none named twice (pandas would silently rename the second)."""
     first = re.split(r"\r\n|\r|\n", text.lstrip("\r\n"), maxsplit=1)[0]
     try:
@@ -127,7 +127,7 @@ def _read_csv_text(path: Path) -> pd.DataFrame:
     text = read_bounded_text(path)
     if not text.strip():
         raise DataError(f"CSV {path} is empty (no header, no rows)")
-    _check_header(text, path)
+    check_csv_header(text, path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", pd.errors.ParserWarning)
@@ -198,6 +198,14 @@ def _check_score_range(score_range: Sequence[float] | None) -> tuple[float, floa
     if not (math.isfinite(low) and math.isfinite(high) and low < high):
         raise ValueError(f"score_range must be two finite numbers with low < high, got {score_range!r}")
     return low, high
+
+
+def rescale_scores(raw: np.ndarray, score_range: Sequence[float]) -> np.ndarray:
+    """Scores on ``score_range`` mapped linearly onto 1..10 (``--score_range``); the identity for
+    1..10 exactly, so targets are the reference's score / 10 bit for bit."""
+    low, high = _check_score_range(score_range)
+    raw = np.asarray(raw, dtype=np.float64)
+    return raw if (low, high) == (1.0, 10.0) else 1.0 + 9.0 * (raw - low) / (high - low)
 
 
 def read_score_csv(path: str | os.PathLike, score_range: Sequence[float] | None = (1.0, 10.0)) -> pd.DataFrame:
@@ -330,8 +338,10 @@ def resolve_image_path(image_dir: str | os.PathLike, name: str, *, allow_outside
     return Path(_image_path(os.fspath(image_dir), name, allow_outside))
 
 
-def _image_paths(csv_path: Path, image_dir: str | os.PathLike, names: Iterable[str], allow_outside: bool,
-                 suffix: str = "", follow_symlinks: bool = False) -> list[str]:
+def image_paths(csv_path: Path, image_dir: str | os.PathLike, names: Iterable[str], allow_outside: bool,
+                suffix: str = "", follow_symlinks: bool = False, rows: Sequence[int] | None = None) -> list[str]:
+    """image_dir / name (+ suffix) of every name; DataError naming the CSV and the row (``rows[i]``, else
+    i + 1) for a name that is absolute, climbs out of image_dir, or is a link out of it (unless allowed)."""
     folder = os.fspath(image_dir)
     root = os.path.realpath(folder)
     paths = []
@@ -345,7 +355,7 @@ def _image_paths(csv_path: Path, image_dir: str | os.PathLike, names: Iterable[s
                     raise DataError(f"image {_show(name)} is a symbolic link to {_show(real, 200)}, outside the "
                                     f"image folder {folder}; pass --follow_symlinks to allow links that leave it")
         except DataError as exc:
-            raise DataError(f"CSV {csv_path}: row {i + 1}: {exc}") from None
+            raise DataError(f"CSV {csv_path}: row {rows[i] if rows is not None else i + 1}: {exc}") from None
         paths.append(path)
     return paths
 
@@ -428,10 +438,8 @@ class ScoreImageDataset(ImageTableDataset):
         low, high = _check_score_range(score_range)
         df = read_score_csv(csv_path, (low, high))
         csv_path = Path(csv_path)
-        paths = _image_paths(csv_path, image_dir, df["image"], allow_outside, follow_symlinks=follow_symlinks)
-        raw = df["score"].to_numpy()
-        # identity for 1..10 exactly, so targets are the reference's score / 10 bit for bit
-        scores = raw if (low, high) == (1.0, 10.0) else 1.0 + 9.0 * (raw - low) / (high - low)
+        paths = image_paths(csv_path, image_dir, df["image"], allow_outside, follow_symlinks=follow_symlinks)
+        scores = rescale_scores(df["score"].to_numpy(), (low, high))
         if "theme" in df.columns:
             theme_list = df["theme"].tolist()
         elif themes is not None:
@@ -463,8 +471,8 @@ class AVADataset(ImageTableDataset):
             raise ValueError(f"variant must be 'ava' or 'tad66k', got {variant!r}")
         df = read_ava_csv(csv_path)
         csv_path = Path(csv_path)
-        paths = _image_paths(csv_path, image_dir, df["image_id"], allow_outside, suffix=".jpg",
-                             follow_symlinks=follow_symlinks)
+        paths = image_paths(csv_path, image_dir, df["image_id"], allow_outside, suffix=".jpg",
+                            follow_symlinks=follow_symlinks)
         votes = df[list(AVA_VOTE_COLUMNS)].to_numpy(dtype=np.float64)
         dist = votes / votes.sum(axis=1, keepdims=True)
         scores = dist @ np.arange(1, 11, dtype=np.float64)
@@ -540,9 +548,10 @@ def _recorded_split(info_path: Path) -> dict | None:
 
 
 def write_split_record(train_csv: str | os.PathLike, is_val: np.ndarray, out_dir: str | os.PathLike,
-                       info: dict) -> tuple[Path, Path]:
+                       info: dict, rows: pd.DataFrame | None = None) -> tuple[Path, Path]:
     """Write the carved split as ``out_dir/train_split.csv`` and ``val_split.csv`` (the training CSV's
-    rows, cells unchanged) with ``split_info.json``, atomically.
+    rows, cells unchanged; or ``rows``, one per image, for data whose CSV is not one row per image)
+    with ``split_info.json``, atomically.
 
     Files already there are only replaced when this project wrote them (split_info.json records
     their sha256) and never when one is the training CSV itself: DataError naming the file otherwise.
@@ -567,7 +576,7 @@ def write_split_record(train_csv: str | os.PathLike, is_val: np.ndarray, out_dir
     if old is not None and all(old.get(k) == v for k, v in info.items() if k != "source_csv") \
             and train_out.exists() and val_out.exists():
         return train_out, val_out
-    raw = _read_csv_text(train_csv)  # the original cells, unchanged
+    raw = _read_csv_text(train_csv) if rows is None else rows  # the original cells, unchanged
     try:
         for path, rows in ((train_out, raw[~is_val]), (val_out, raw[is_val])):
             with atomic_write(path, "w") as f:
@@ -643,7 +652,8 @@ def build_datasets(name: str, *, variant: str, image_dir: str | os.PathLike | No
     demo_options: keyword arguments of demo_data.ensure_demo_dataset (n_train, n_test, seed, size).
     """
     if name not in ("tad66k", "ava", "csv", "demo"):
-        raise ValueError(f"dataset must be one of tad66k, ava, csv, demo; got {name!r}")
+        hint = " (FLICKR-AES: flickr_aes.build_flickr_datasets)" if name == "flickr_aes" else ""
+        raise ValueError(f"dataset must be one of tad66k, ava, csv, demo; got {name!r}{hint}")
     if variant not in ("tad66k", "ava"):
         raise ValueError(f"variant must be 'tad66k' or 'ava', got {variant!r}")
     if validation not in ("split", "test"):

@@ -45,7 +45,7 @@ GENERATOR_VERSION = 1  # bump when the images or scores a given seed produces ch
 
 THEMES = ("architecture", "flower", "mono", "vintage")
 # Which sample photo each theme crops: china.jpg is the temple, flower.jpg the flower.
-_THEME_SOURCES = {"architecture": ("china",), "flower": ("flower",),
+THEME_SOURCES = {"architecture": ("china",), "flower": ("flower",),
                   "mono": ("china", "flower"), "vintage": ("china", "flower")}
 # Per theme: weight of each "goodness" term; each term is in [0, 1] and each row sums to 0.9.
 # Keys: bright = e, dark = 1 - e, mid = 1 - 2|e - 0.5|, vivid = s, sharp = 1 - b, soft = b,
@@ -72,15 +72,15 @@ def theme_score(theme: str, exposure: float, saturation: float, blur: float, noi
     return 1.0 + 9.0 * q
 
 
-def _sample_photos() -> dict[str, np.ndarray]:
+def sample_photos() -> dict[str, np.ndarray]:
     from sklearn.datasets import load_sample_images  # deferred: importing sklearn takes a second
 
     data = load_sample_images()
     return {Path(f).stem: img for f, img in zip(data.filenames, data.images)}
 
 
-def _render(src: np.ndarray, theme: str, params: dict[str, float], rng: np.random.Generator,
-            size: int) -> tuple[bytes, float]:
+def render_image(src: np.ndarray, theme: str, params: dict[str, float], rng: np.random.Generator,
+                 size: int) -> tuple[bytes, float]:
     """One degraded crop as JPEG bytes, and its score."""
     h, w = src.shape[:2]
     side = int(rng.integers(min(h, w) * 3 // 5, min(h, w) + 1))
@@ -115,7 +115,7 @@ def _render(src: np.ndarray, theme: str, params: dict[str, float], rng: np.rando
 
 def _generate(root: Path, n_train: int, n_test: int, seed: int, size: int) -> dict[str, int]:
     """Write images and CSVs under root; return {relative path: size in bytes}."""
-    photos = _sample_photos()
+    photos = sample_photos()
     rng = np.random.default_rng(seed)
     themes: list[str] = []
     for n in (n_train, n_test):  # balanced themes within each split, in random order
@@ -126,9 +126,9 @@ def _generate(root: Path, n_train: int, n_test: int, seed: int, size: int) -> di
     (root / "images").mkdir(parents=True, exist_ok=True)
     for i, theme in enumerate(themes):
         params = {k: float(rng.random()) for k in ("exposure", "saturation", "blur", "noise", "jpeg")}
-        source = _THEME_SOURCES[theme][int(rng.integers(len(_THEME_SOURCES[theme])))]
+        source = THEME_SOURCES[theme][int(rng.integers(len(THEME_SOURCES[theme])))]
         image_rng = np.random.default_rng(rng.integers(2 ** 63))
-        data, score = _render(photos[source], theme, params, image_rng, size)
+        data, score = render_image(photos[source], theme, params, image_rng, size)
         name = f"demo_{i:05d}.jpg"
         (root / "images" / name).write_bytes(data)  # no fsync per image: the manifest, written last, vouches
         files[f"images/{name}"] = len(data)
@@ -152,7 +152,7 @@ def _write_csv(path: Path, rows: list[tuple[str, float, str]]) -> int:
     return len(data)
 
 
-def _is_complete(root: Path, params: dict) -> bool:
+def is_complete(root: Path, params: dict) -> bool:
     try:
         manifest = json.loads((root / _MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -181,7 +181,7 @@ def _remove_generated(root: Path) -> None:
 
 
 @contextlib.contextmanager
-def _locked(root: Path) -> Iterator[None]:
+def generation_lock(root: Path) -> Iterator[None]:
     """Serialise generation between processes sharing root (POSIX; no lock elsewhere)."""
     try:
         import fcntl
@@ -221,11 +221,11 @@ def ensure_demo_dataset(root: str | os.PathLike | None = None, *, n_train: int =
     """
     params = demo_parameters(n_train, n_test, seed, size)
     root = Path(root) if root is not None else DEFAULT_DEMO_ROOT
-    if _is_complete(root, params):
+    if is_complete(root, params):
         return root
     root.mkdir(parents=True, exist_ok=True)
-    with _locked(root):
-        if _is_complete(root, params):  # another process made it while we waited
+    with generation_lock(root):
+        if is_complete(root, params):  # another process made it while we waited
             return root
         logger.warning("generating the demo data set in %s (%d train + %d test images)", root, n_train, n_test)
         _remove_generated(root)

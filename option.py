@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping, Sequence
 
-DATASETS = ("tad66k", "ava", "csv", "demo")
+DATASETS = ("tad66k", "ava", "csv", "demo", "flickr_aes")
 VARIANT_NAMES = ("tad66k", "ava")
 LR_OPTIONS = (
     "init_lr_res365_last",
@@ -30,6 +30,8 @@ DATASET_DEFAULTS: dict[str, dict[str, object]] = {
     "tad66k": {"batch_size": 40, "num_epoch": 200, **_REFERENCE},
     "csv": {"batch_size": 40, "num_epoch": 200, **_REFERENCE},
     "ava": {"batch_size": 48, "num_epoch": 20, **_REFERENCE},
+    # FLICKR-AES's generic model: the authors withhold their recipe; TAD66K's (a single score, MSE).
+    "flickr_aes": {"batch_size": 40, "num_epoch": 200, **_REFERENCE},
     # From scratch on 2 CPU cores: larger steps, few epochs (see README, "Demo dataset").
     "demo": {
         **_REFERENCE,
@@ -92,6 +94,12 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
     data.add_argument("--test_csv", type=str, default=None, help="--dataset csv: test CSV")
     data.add_argument("--score_range", type=float, nargs=2, default=(1.0, 10.0), metavar=("LO", "HI"),
                       help="--dataset csv: range of the CSV scores, mapped onto 1..10")
+    data.add_argument("--flickr_dir", type=str, default=None,
+                      help="--dataset flickr_aes: the folder of FLICKR-AES_image_labeled_by_each_worker.csv (ratings "
+                           "1..5, mapped onto 1..10 as --score_range 1 5); images in --path_to_images, else its 40K/")
+    data.add_argument("--test_workers", type=str, default=None,
+                      help="--dataset flickr_aes: the test workers (one id per line, or a CSV with a worker column); "
+                           "no image they rated is trained on, and their images are the test split")
     data.add_argument("--check_images", choices=CHECK_IMAGES, default="decode",
                       help="before training, check that every image of every split decodes (on every core; "
                            "remembered per file, so a second run is instant), or only that it exists, or nothing")
@@ -236,6 +244,16 @@ def check_options(args: argparse.Namespace) -> argparse.Namespace:
     lo, hi = args.score_range
     if not lo < hi:
         raise ValueError(f"--score_range needs LO < HI, got {lo} {hi}")
+    if args.dataset == "flickr_aes":
+        if not args.flickr_dir:
+            raise ValueError("--dataset flickr_aes needs --flickr_dir, the folder of "
+                             "FLICKR-AES_image_labeled_by_each_worker.csv")
+        if not args.test_workers:
+            raise ValueError("--dataset flickr_aes needs --test_workers FILE: the 37 test workers of the published "
+                             "split, one worker id per line or a CSV with a worker column")
+        if args.variant == "ava":
+            raise ValueError("--dataset flickr_aes has one rating per worker and image, no vote distributions: use "
+                             "--variant tad66k")
     if args.fuse_conv and not args.fold_bn:
         raise ValueError("--fuse_conv needs --fold_bn (a convolution meets its activation once BatchNorm is folded)")
     if args.test_only and not args.path_to_model_weight:

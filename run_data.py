@@ -13,6 +13,7 @@ from typing import Any
 
 import option
 from dataset import ImageTableDataset, build_datasets
+from flickr_aes import build_flickr_datasets
 from image_check import check_images
 
 SPLITS = ("train", "val", "test")
@@ -43,13 +44,21 @@ def build_run_datasets(opts: Mapping[str, Any] | argparse.Namespace, *, splits: 
     if unknown:
         raise ValueError(f"unknown split(s) {unknown}; expected some of {SPLITS}")
     demo_train, demo_test = o["demo_images"]
-    sets = build_datasets(
-        o["dataset"], variant=o["variant"], image_dir=o["path_to_images"], csv_dir=o["path_to_save_csv"],
-        validation=validation or o["validation"], val_fraction=o["val_fraction"], seed=o["split_seed"],
-        score_range=tuple(o["score_range"]), skip_bad=o["skip_bad"], train_csv=o["train_csv"],
-        val_csv=o["val_csv"], test_csv=o["test_csv"], split_dir=split_dir, follow_symlinks=o["follow_symlinks"],
-        demo_options={"n_train": int(demo_train), "n_test": int(demo_test), "seed": 0},
-    )
+    if o["dataset"] == "flickr_aes":
+        if o["variant"] != "tad66k":
+            raise ValueError("--dataset flickr_aes needs --variant tad66k (one score per image)")
+        sets = build_flickr_datasets(
+            o["flickr_dir"], o["test_workers"], image_dir=o["path_to_images"], validation=validation or o["validation"],
+            val_fraction=o["val_fraction"], seed=o["split_seed"], split_dir=split_dir, skip_bad=o["skip_bad"],
+            follow_symlinks=o["follow_symlinks"])
+    else:
+        sets = build_datasets(
+            o["dataset"], variant=o["variant"], image_dir=o["path_to_images"], csv_dir=o["path_to_save_csv"],
+            validation=validation or o["validation"], val_fraction=o["val_fraction"], seed=o["split_seed"],
+            score_range=tuple(o["score_range"]), skip_bad=o["skip_bad"], train_csv=o["train_csv"],
+            val_csv=o["val_csv"], test_csv=o["test_csv"], split_dir=split_dir, follow_symlinks=o["follow_symlinks"],
+            demo_options={"n_train": int(demo_train), "n_test": int(demo_test), "seed": 0},
+        )
     out: dict[str, Any] = {}
     for split in wanted:
         ds: ImageTableDataset = sets[split]

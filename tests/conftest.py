@@ -36,3 +36,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def personal_root(tmp_path_factory):
+    """A tiny personalized demo data set (FLICKR-AES format): 3 test workers with 14-16 images each."""
+    from personal_data import ensure_personal_dataset
+
+    return ensure_personal_dataset(tmp_path_factory.mktemp("personal") / "demo", n_generic=12, n_workers=9,
+                                   n_test_workers=3, test_worker_images=(14, 16), size=64)

@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAYERS = {  # lower numbers are lower layers
     0: {"util", "safe_io", "download", "runlock", "runtime", "console"},
     1: {"presets", "option"},
-    2: {"images", "dataset", "demo_data", "personal_data", "models"},
+    2: {"images", "dataset", "demo_data", "personal_data", "flickr_aes", "models"},
     3: {"engine", "run_data", "scoring", "report", "image_check", "cache", "augment", "export", "webapp",
         "ablation", "personalize"},
     4: {"main_nni", "predict", "serve", "report.__main__", "tools"},
