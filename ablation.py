@@ -31,6 +31,7 @@ PAPER = {"APNet": (0.440, 0.457, 0.020), "APNet + TUNet": (0.483, 0.513, 0.017),
          "APNet + RGBNet": (0.462, 0.478, 0.019), "TANet": (0.513, 0.531, 0.016)}
 # Options the table sets for every run; the rest of main_nni.py's options are the caller's.
 OWN_OPTIONS = ("--branches", "--seed", "--experiment_dir_name", "--resume", "--test_only")
+OPTIONS_FILE = "options.json"
 
 
 class AblationError(ValueError):
@@ -62,6 +63,19 @@ def check_options(options: Sequence[str]) -> None:
     taken = [o for o in options if o.split("=")[0] in OWN_OPTIONS]
     if taken:
         raise AblationError(f"{', '.join(taken)}: the ablation table sets these for each run itself")
+
+
+def check_same_options(folder: Path, options: Sequence[str]) -> None:
+    """Record the runs' options in ``folder/options.json``; refuse a rerun that changes them (its finished
+    runs would not compare with the new ones)."""
+    record = folder / OPTIONS_FILE
+    if record.is_file():
+        before = json.loads(record.read_text(encoding="utf-8"))
+        if before != list(options):
+            raise AblationError(f"{folder} holds a table made with the options {shlex.join(before)!r}, not "
+                                f"{shlex.join(options)!r}; run it with the same options, or pick another --out")
+    else:
+        atomic_save_json(list(options), record)
 
 
 def finished(run: Run) -> bool:
@@ -141,6 +155,7 @@ def run_table(out: str | os.PathLike, seeds: Sequence[int], options: Sequence[st
     check_options(options)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
+    check_same_options(folder, options)
     runs = plan(folder, seeds)
     started = time.monotonic()
     todo = [r for r in runs if not finished(r)]

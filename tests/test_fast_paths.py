@@ -248,3 +248,17 @@ def test_benchmark_writes_the_report(tmp_path, capsys):
     assert isinstance(report["machine"], str) and report["machine"]
     assert "isolated" in capsys.readouterr().out
     assert bench.main(["--paths", "fp16", "--device", "cpu"]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnxscript")),
+                    reason="the onnx path needs requirements-deploy.txt")
+def test_benchmark_onnx_path_scores_like_the_isolated_model():
+    """The benchmark's onnx path exports the same weights as the other paths (a whole checkpoint)."""
+    bench = _benchmark_tool()
+    state = golden_state_dict("tad66k")
+    isolated = bench.build_model(bench.parse_path("isolated", CPU, train=False), CPU, state)[1].eval()
+    _, onnx = bench.build_model(bench.parse_path("onnx", CPU, train=False), CPU, state)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (torch.as_tensor(onnx(x)) - isolated(x)).abs().max() < 1e-3

@@ -205,12 +205,12 @@ def build_model(path: ModelPath, device: torch.device, state: dict | None = None
     model = TANet("tad66k")
     if state is not None:
         model.load_state_dict(state)
+    if path.onnx:  # the export takes a whole checkpoint and builds the isolated model itself
+        return model, exported(model)
     if path.isolated:
         state = {k: v for k, v in model.state_dict().items() if not k.startswith(("res365_last.", "hypernet.", "tygertnet."))}
         model = TANet("tad66k", theme_fusion="isolated", theme_network=False)
         model.load_state_dict(state)
-    if path.onnx:
-        return model, exported(model)
     model.freeze_theme_backbone()
     if path.fold_bn:
         model = fold_batchnorm(model)

@@ -2,8 +2,10 @@
 
     python tools/paper_tables.py personalized --flickr_dir DIR --test_workers FILE --generic CKPT --out DIR
     python tools/paper_tables.py personalized --dataset demo --shots 10 --repeats 2 --device cpu --out DIR
+    python tools/paper_tables.py ablation --seeds 0 1 2 --out DIR  [main_nni.py data and recipe options]
 
-``personalized`` is Table 4 (personalized aesthetics on FLICKR-AES; the protocol is in personalize.py).
+``ablation`` is Table 5 (APNet, + TUNet, + RGBNet, TANet; ablation.py): every variant trained and tested by
+main_nni.py with the options that follow, over the seeds. ``personalized`` is Table 4 (personalized aesthetics on FLICKR-AES; the protocol is in personalize.py).
 Without ``--generic`` the generic model is trained first with main_nni.py into OUT/generic. Interrupt it
 at any time and run the same command again: it continues with the workers not yet done.
 A subcommand is a pair ``add_<name>_parser(subparsers)`` / ``run_<name>(args)``; the protocols live in
@@ -24,6 +26,7 @@ if str(REPO_DIR) not in sys.path:  # run as `python tools/paper_tables.py`
     sys.path.insert(0, str(REPO_DIR))
 
 import option  # noqa: E402
+from ablation import AblationError, run_table  # noqa: E402
 from console import one_line  # noqa: E402
 from dataset import DataError  # noqa: E402
 from flickr_aes import RatedImageDataset, image_folder, load_split  # noqa: E402
@@ -226,21 +229,51 @@ def run_personalized(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- ablation (Table 5)
+
+def add_ablation_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "ablation", help="Table 5: APNet, APNet + TUNet, APNet + RGBNet and TANet, trained and tested over seeds",
+        description="Train and test every variant of Table 5 with main_nni.py; every option not listed here "
+                    "(--dataset, --path_to_images, --num_epoch, ...) goes to each main_nni.py run unchanged. "
+                    "Interrupt it at any time and run the same command again: it continues with the runs not done.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    p.add_argument("--out", required=True, help="output folder: table5.md, table5.json, runs.log, one folder per run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="the seeds of each variant")
+    p.set_defaults(run=run_ablation, passes_options=True)
+    return p
+
+
+def run_ablation(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out):
+        table = run_table(out, args.seeds, args.main_nni_options, show_progress=sys.stderr.isatty())
+    print((out / "table5.md").read_text(encoding="utf-8"), end="")
+    print(f"table: {out / 'table5.md'} ({table['seconds_of_the_runs'] / 60:.1f} min of training and testing)")
+    return 0
+
+
 # --------------------------------------------------------------------------- the command line
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Reproduce the paper's tables.")
+    p = argparse.ArgumentParser(description="Reproduce the paper's tables.", allow_abbrev=False)
     subparsers = p.add_subparsers(dest="table", required=True, metavar="TABLE")
+    add_ablation_parser(subparsers)
     add_personalized_parser(subparsers)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "passes_options", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.main_nni_options = rest
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return args.run(args)
-    except (DataError, ProtocolError, CheckpointError, RunLockedError, FileNotFoundError, ValueError,
+    except (DataError, ProtocolError, AblationError, CheckpointError, RunLockedError, FileNotFoundError, ValueError,
             RuntimeError) as exc:
         print(f"paper_tables.py {args.table}: error: {one_line(exc)}", file=sys.stderr)
         return 1
