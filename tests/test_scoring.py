@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import copy
 import csv
+import importlib.util
 import json
 import random
 import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,6 +39,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CPU = torch.device("cpu")
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -380,3 +383,21 @@ def test_decoding_and_the_model_share_the_cores_without_oversubscribing_them():
     assert scoring_parallelism(cpu, 2) == (1, 2)
     assert scoring_parallelism(cpu, 8) == (2, 6) and scoring_parallelism(cpu, 16) == (4, 12)
     assert scoring_parallelism(gpu, 16) == (8, 1)
+
+
+def test_the_draft_effect_tool_measures_draft_against_full_decoding(ckpts, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("draft_effect_tool", REPO / "tools" / "draft_effect.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    small = [_image(tmp_path / "small" / f"s{i}.jpg", seed=i, size=(256, 256)) for i in range(3)]
+    (tmp_path / "truth.csv").write_text("image,score\n" + "".join(f"{p.name},{3 + i}\n" for i, p in enumerate(small)))
+    # 256x256 JPEGs cannot be decoded at half size and stay at least 224: draft changes nothing
+    out = tool.draft_effect(str(ckpts / "tad66k.pth"), [str(tmp_path / "small")], csv=str(tmp_path / "truth.csv"))
+    assert out["images"] == 3 and out["max_abs_change"] == 0.0 and out["srcc_draft_vs_default"] == pytest.approx(1.0)
+    assert out["srcc_default_vs_true"] == out["srcc_draft_vs_true"]
+    big = [_image(tmp_path / "big" / f"b{i}.jpg", seed=i, size=(1024, 683)) for i in range(3)]
+    assert tool.main([str(ckpts / "tad66k.pth"), *map(str, big), "--json", str(tmp_path / "d.json")]) == 0
+    figures = json.loads((tmp_path / "d.json").read_text())
+    assert 0 < figures["max_abs_change"] < 0.5 and figures["changed_images"] >= 1  # other pixels, other scores
+    assert "max_abs_change:" in capsys.readouterr().out
+    assert tool.main([str(ckpts / "tad66k.pth"), str(big[0])]) == 1  # one image: nothing to rank
