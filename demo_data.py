@@ -29,7 +29,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -220,15 +220,25 @@ def ensure_demo_dataset(root: str | os.PathLike | None = None, *, n_train: int =
     generation is detected and redone.
     """
     params = demo_parameters(n_train, n_test, seed, size)
-    root = Path(root) if root is not None else DEFAULT_DEMO_ROOT
+    return ensure_generated(Path(root) if root is not None else DEFAULT_DEMO_ROOT, params, "demo_data.py",
+                            f"the demo data set ({n_train} train + {n_test} test images)",
+                            remove=_remove_generated,
+                            generate=lambda folder: _generate(folder, n_train, n_test, seed, size))
+
+
+def ensure_generated(root: Path, params: dict, generator: str, what: str, *, remove: Callable[[Path], None],
+                     generate: Callable[[Path], dict[str, int]]) -> Path:
+    """``root`` holding a complete generation with ``params``: kept if its manifest says so, else made
+    under the generation lock (``remove`` clears a partial one, ``generate`` writes the files and returns
+    their sizes); the manifest is written last, so an interrupted generation is detected and redone."""
     if is_complete(root, params):
         return root
     root.mkdir(parents=True, exist_ok=True)
     with generation_lock(root):
         if is_complete(root, params):  # another process made it while we waited
             return root
-        logger.warning("generating the demo data set in %s (%d train + %d test images)", root, n_train, n_test)
-        _remove_generated(root)
-        files = _generate(root, n_train, n_test, seed, size)
-        atomic_save_json({"generator": "demo_data.py", "params": params, "files": files}, root / _MANIFEST)
+        logger.warning("generating %s in %s", what, root)
+        remove(root)
+        files = generate(root)
+        atomic_save_json({"generator": generator, "params": params, "files": files}, root / _MANIFEST)
     return root

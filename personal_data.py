@@ -29,14 +29,13 @@ import numpy as np
 from demo_data import (
     THEME_SOURCES,
     THEMES,
-    generation_lock,
-    is_complete,
+    ensure_generated,
     render_image,
     sample_photos,
     theme_score,
 )
 from flickr_aes import IMAGE_FOLDER, MEAN_SCORES_TXT, RATINGS_CSV
-from safe_io import atomic_save_json, atomic_write
+from safe_io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -175,16 +174,6 @@ def ensure_personal_dataset(root: str | os.PathLike | None = None, *, n_generic:
     the manifest is written last, so an interrupted generation is detected and redone.
     """
     params = personal_parameters(n_generic, n_workers, n_test_workers, test_worker_images, seed, size)
-    root = Path(root) if root is not None else DEFAULT_ROOT
-    if is_complete(root, params):
-        return root
-    root.mkdir(parents=True, exist_ok=True)
-    with generation_lock(root):
-        if is_complete(root, params):  # another process made it while we waited
-            return root
-        logger.warning("generating the personalized demo data set in %s (%d workers, %d of them test workers)",
-                       root, n_workers, n_test_workers)
-        _remove_generated(root)
-        files = _generate(root, params)
-        atomic_save_json({"generator": "personal_data.py", "params": params, "files": files}, root / _MANIFEST)
-    return root
+    return ensure_generated(Path(root) if root is not None else DEFAULT_ROOT, params, "personal_data.py",
+                            f"the personalized demo data set ({n_workers} workers, {n_test_workers} of them test "
+                            f"workers)", remove=_remove_generated, generate=lambda folder: _generate(folder, params))
