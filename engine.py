@@ -213,7 +213,7 @@ def evaluation_model(model: nn.Module, device: torch.device, *, fold_bn: bool = 
         return model
     copy = fold_batchnorm(getattr(model, "_orig_mod", model))
     if fuses_conv(fuse_conv, device, amp):
-        copy = fuse_conv_activations(copy, amp_dtype(amp))
+        copy = fuse_conv_activations(copy, amp_dtype(amp), copy_model=False)  # already a copy
     return copy.to(memory_format=torch.channels_last) if channels_last else copy
 
 

@@ -422,7 +422,7 @@ class Scorer:
             return
         dataset = _ImageSources(sources, self.transform, self.draft)
         batches = math.ceil(len(sources) / self.batch_size)
-        workers = min(self.num_workers, batches)
+        workers = min(self.num_workers, batches - 1)  # one batch: nothing to overlap its decoding with
         loader = DataLoader(
             dataset, batch_size=self.batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
             pin_memory=self.device.type == "cuda", **({"prefetch_factor": 2} if workers else {}),

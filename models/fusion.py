@@ -74,8 +74,8 @@ class FusedConv2d(nn.Module):
                 f"{self.activation or 'identity'}(conv{sum_}), {self.weight.dtype}")
 
 
-def fuse_conv_activations(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A copy of ``model`` (a TANet, or any module ``torch.fx`` can trace) in which every ``Conv2d``
+def fuse_conv_activations(model: nn.Module, dtype: torch.dtype = torch.float32, *, copy_model: bool = True) -> nn.Module:
+    """A copy of ``model`` (``model`` itself, changed, with ``copy_model=False``) (a TANet, or any module ``torch.fx`` can trace) in which every ``Conv2d``
     followed by a ReLU/ReLU6, by ``+ residual``, or by ``+ residual`` then ReLU, is one :class:`FusedConv2d`
     (a residual must have the convolution output's shape, as in ResNet and MobileNetV2 blocks).
 
@@ -85,7 +85,7 @@ def fuse_conv_activations(model: nn.Module, dtype: torch.dtype = torch.float32) 
     if not conv_fusion_available(dtype):
         raise RuntimeError(f"fused convolutions in {dtype} need a PyTorch build with oneDNN (mkldnn) and, for "
                            f"bfloat16, a CPU with AVX-512 or AVX-NE-CONVERT")
-    fused = copy.deepcopy(model).eval()
+    fused = (copy.deepcopy(model) if copy_model else model).eval()
     backbones = [name for name in _BACKBONES if _has_submodule(fused, name)]  # a TANet has one or both
     if not backbones:
         return _fuse_graph(fx.symbolic_trace(fused), dtype)

@@ -42,6 +42,10 @@ def test_fused_tanet_matches_the_plain_model_in_float32(variant):
     assert _count(fused, nn.Conv2d) == 3 + 7  # ResNet downsampling, projections without a residual
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the original is untouched
     assert (_scores(fused) - _scores(model)).abs().max() < 1e-5
+    folded = fold_batchnorm(model)
+    in_place = fuse_conv_activations(folded, copy_model=False)  # the evaluation copy is fused without a second copy
+    assert in_place is folded and _count(in_place, FusedConv2d) == 17 + 46
+    assert (_scores(in_place) - _scores(fused)).abs().max() == 0
 
 
 @pytest.mark.skipif(not conv_fusion_available(torch.bfloat16),
