@@ -43,6 +43,7 @@ def test_the_full_model_is_the_reference():
 
 
 @pytest.mark.parametrize("variant", ["tad66k", "ava"])
+@pytest.mark.slow
 def test_isolated_scoring_without_the_theme_network_gives_the_same_scores(variant, tmp_path):
     full = TANet(variant, theme_fusion="isolated")
     full.load_state_dict(golden_state_dict(variant))

@@ -237,6 +237,7 @@ def test_interrupted_build_resumes_with_the_missing_chunks_only(data, tmp_path):
     assert again.built == [] and again.reused == 5
 
 
+@pytest.mark.slow
 def test_parallel_build_equals_in_process_build(data, tmp_path):
     ds = _tad(data, train=False)
     build_cache(ds, tmp_path / "one", chunk_size=2, workers=0, progress=False)

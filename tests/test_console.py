@@ -9,6 +9,8 @@ import sys
 import warnings
 from pathlib import Path
 
+import pytest
+
 import console
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,6 +64,7 @@ def test_warnings_become_one_escaped_line(capsys):
     assert capsys.readouterr().err == "predict.py: warning: folder a\\x1bb holds no images\n" * 2
 
 
+@pytest.mark.slow
 def test_a_demo_run_logged_to_a_file_holds_no_carriage_returns(demo_root, tmp_path):
     """stdout and stderr redirected to a file, as NNI's trial log or `> log` does."""
     script = ("import sys, main_nni\nfrom reliability_helpers import TinyTANet\nmain_nni.TANet = TinyTANet\n"

@@ -208,6 +208,7 @@ def test_build_tad66k_errors(tmp_path):
         ds.build_datasets("tad66k", variant="tad66k", image_dir=root, csv_dir=tmp_path / "empty")
 
 
+@pytest.mark.slow
 def test_build_tad66k_defaults_to_the_shipped_csvs(tmp_path):
     # no images needed to build the datasets; the carved split goes to split_dir, not into the repo
     sets = ds.build_datasets("tad66k", variant="tad66k", image_dir=tmp_path, validation="split",

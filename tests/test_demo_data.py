@@ -123,6 +123,7 @@ def _features(path):
             np.log(ndimage.laplace(lum).var() + 1e-6)]
 
 
+@pytest.mark.slow
 def test_learnable_from_simple_statistics_given_the_theme(tmp_path):
     """A linear model on global image statistics ranks the test images well only when it knows the theme."""
     from sklearn.linear_model import RidgeCV

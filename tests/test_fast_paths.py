@@ -51,6 +51,7 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))
 
 
+@pytest.mark.slow
 def test_channels_last_matches_fp32_in_eval_and_training():
     ref, out_ref, g_ref, b_ref = _reference()
     fast = golden_scores(golden_tanet(channels_last=True), CPU, channels_last=True)
@@ -84,6 +85,7 @@ def test_bfloat16_cpu_autocast_stays_close_to_fp32(channels_last):
 
 
 @pytest.mark.parametrize("variant", ["tad66k", "ava"])
+@pytest.mark.slow
 def test_folded_batchnorm_matches_the_plain_model(variant):
     model = golden_tanet(variant)
     perturb_batchnorm(model)
@@ -105,6 +107,7 @@ def test_folded_batchnorm_in_bfloat16_stays_close(variant):
     assert (golden_scores(fast, CPU, amp="bf16", channels_last=True) - golden_scores(model, CPU)).abs().max() < 0.05
 
 
+@pytest.mark.slow
 def test_frozen_theme_resnet_without_autograd_is_exact():
     frozen = golden_tanet(frozen=True).train()
     assert not frozen.forward_branches(golden_input(2))["theme_logits"].requires_grad  # no graph through the ResNet
@@ -213,6 +216,7 @@ def test_benchmark_path_names():
             bench.parse_path(name, CPU, train=train)
 
 
+@pytest.mark.slow
 def test_benchmark_reference_loop_computes_what_the_fp32_path_computes():
     """The benchmark's ``reference`` path (the reference script's loop body) takes the same training step."""
     bench = _benchmark_tool()

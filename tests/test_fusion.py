@@ -32,6 +32,7 @@ def _count(model: nn.Module, kind: type) -> int:
 
 
 @pytest.mark.parametrize("variant", ["tad66k", "ava"])
+@pytest.mark.slow
 def test_fused_tanet_matches_the_plain_model_in_float32(variant):
     model = _tanet(variant)
     before = {k: v.clone() for k, v in model.state_dict().items()}

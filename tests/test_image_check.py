@@ -142,6 +142,7 @@ def test_an_unusable_cache_only_costs_time(tmp_path, decodes, caplog):
     assert decodes == ["a.jpg"] and "cache" in caplog.text
 
 
+@pytest.mark.slow
 def test_many_images_are_decoded_by_worker_processes(tmp_path):
     names = [f"i{k:03d}.png" for k in range(image_check.IN_PROCESS_BELOW + 6)]
     csv, img_dir = make_data(tmp_path, names)

@@ -98,6 +98,7 @@ print(tuned, (rss() - before) >> 20)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
+@pytest.mark.slow
 def test_tuned_allocator_keeps_freed_tensor_memory_for_reuse():
     """glibc unmaps a freed 256 MiB tensor at once (the next step faults it in again); tuned, it is kept."""
     kept = {}

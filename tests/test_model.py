@@ -253,6 +253,7 @@ def test_ava_single_image_in_batch_mode_warns_once_and_uses_isolated_value(train
 
 # --- precisions and devices ---------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_bfloat16_autocast_on_cpu_stays_close(golden_models):
     model = golden_models["tad66k"]
     x = golden_input(3)

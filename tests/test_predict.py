@@ -78,6 +78,7 @@ def _mixed_folder(root: Path) -> tuple[list[str], list[str]]:
             ["07_truncated.jpg", "08_random.jpg", "09_empty.png"])
 
 
+@pytest.mark.slow
 def test_command_line_interface_writes_csv(ckpts, photos, reference, tmp_path):
     paths = sorted(str(p) for p in photos.iterdir())
     out = tmp_path / "scores.csv"

@@ -375,6 +375,7 @@ def test_hostile_score_csvs_are_read_validated_or_refused_with_a_data_error(tmp_
 
 @settings(FUZZ, max_examples=120)
 @given(content=csv_texts(AVA_HEADERS))
+@pytest.mark.slow
 def test_hostile_ava_csvs_are_read_validated_or_refused_with_a_data_error(tmp_path, content):
     path = tmp_path / "hostile.csv"
     path.write_bytes(content)

@@ -61,6 +61,7 @@ def assert_valid_png(path: Path) -> None:
 
 # --- the run's report ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_every_figure_is_written_as_a_valid_non_blank_png(run):
     folder, _ = run
     written = {p.stem for p in (folder / "report").glob("*.png")}
@@ -83,6 +84,7 @@ class _Images(HTMLParser):
         self.cells.append(data.strip())
 
 
+@pytest.mark.slow
 def test_html_embeds_every_figure_and_references_no_missing_file(run):
     folder, _ = run
     page = (folder / "report.html").read_text(encoding="utf-8")
@@ -104,6 +106,7 @@ def test_html_embeds_every_figure_and_references_no_missing_file(run):
         assert theme in parser.cells
 
 
+@pytest.mark.slow
 def test_html_opens_in_a_headless_browser_without_broken_images(run):
     browser = next((b for b in ("/usr/bin/chromium", shutil.which("chromium") or "",
                                 shutil.which("chromium-browser") or "") if b and Path(b).is_file()), None)
@@ -116,6 +119,7 @@ def test_html_opens_in_a_headless_browser_without_broken_images(run):
     assert 'data-broken-images="0"' in dom
 
 
+@pytest.mark.slow
 def test_per_theme_numbers_agree_with_the_runs_results(run):
     folder, _ = run
     results = json.loads((folder / "results.json").read_text())
@@ -129,6 +133,7 @@ def test_per_theme_numbers_agree_with_the_runs_results(run):
         assert 1.0 <= rows[theme]["mean_true"] <= 10.0 and 1.0 <= rows[theme]["mean_pred"] <= 10.0
 
 
+@pytest.mark.slow
 def test_hidden_node_counts_cover_every_image_and_the_pass_reproduces_the_predictions(run):
     folder, _ = run
     data = report_data(folder)
@@ -143,6 +148,7 @@ def test_hidden_node_counts_cover_every_image_and_the_pass_reproduces_the_predic
     assert len(data["rgb_attention_images"]) == 3 and len(data["best"]) == len(data["worst"]) == 5
 
 
+@pytest.mark.slow
 def test_a_real_mismatch_is_reported_with_what_differs(run, tmp_path):
     folder, _ = run
     copy = tmp_path / "copy"
@@ -152,6 +158,7 @@ def test_a_real_mismatch_is_reported_with_what_differs(run, tmp_path):
     assert len(made.notes) == 1 and "batch_size 8 in the run, 3 in the pass" in made.notes[0]
 
 
+@pytest.mark.slow
 def test_report_adds_the_figures_to_tensorboard(run):
     folder, before = run
     assert logs_size(folder) > before
@@ -160,6 +167,7 @@ def test_report_adds_the_figures_to_tensorboard(run):
         assert f"report/{name}".encode() in events
 
 
+@pytest.mark.slow
 def test_checkpoint_on_a_split_with_a_cap_and_no_tensorboard(run, demo_root, tmp_path):
     folder, _ = run
     out = tmp_path / "out"
@@ -178,6 +186,7 @@ def test_checkpoint_on_a_split_with_a_cap_and_no_tensorboard(run, demo_root, tmp
 
 # --- errors ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_missing_files_fail_with_one_line_naming_them(run, tmp_path, capsys):
     folder, _ = run
     assert report_main([str(tmp_path / "nowhere"), "--device", "cpu"]) == 1

@@ -368,6 +368,7 @@ def test_the_default_fast_path_scores_as_the_plain_model(ckpts, images, variant)
         assert all(max(abs(p - q) for p, q in zip(x.distribution, y.distribution)) < tolerance / 10 for x, y in zip(a, b))
 
 
+@pytest.mark.slow
 def test_draft_decoding_is_an_option_that_changes_pixels_a_little(ckpts, tmp_path):
     photo = _image(tmp_path / "big.jpg", seed=3, size=(1024, 683))
     full = Scorer(ckpts / "tad66k.pth", device="cpu")
@@ -385,6 +386,7 @@ def test_decoding_and_the_model_share_the_cores_without_oversubscribing_them():
     assert scoring_parallelism(gpu, 16) == (8, 1)
 
 
+@pytest.mark.slow
 def test_the_draft_effect_tool_measures_draft_against_full_decoding(ckpts, tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("draft_effect_tool", REPO / "tools" / "draft_effect.py")
     tool = importlib.util.module_from_spec(spec)

@@ -467,6 +467,7 @@ def chromium_driver(profile: Path):
     return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER)))
 
 
+@pytest.mark.slow
 def test_the_page_in_headless_chromium_ranks_photos_and_shows_an_error(ava, photos, bad_files, tmp_path):
     driver = chromium_driver(tmp_path / "profile")  # skips without selenium or Chromium
     try:

@@ -38,6 +38,7 @@ def trained(demo_root, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_training_writes_results_checkpoints_and_logs(trained):
     results = json.loads((trained / "results.json").read_text())
     for key in ("srcc", "plcc", "accuracy", "mse", "n_images", "split", "checkpoint", "per_theme", "best_epoch"):
@@ -57,6 +58,7 @@ def test_training_writes_results_checkpoints_and_logs(trained):
     assert "memory allocator tuned" in (trained / "train.log").read_text()  # --allocator tuned, the default
 
 
+@pytest.mark.slow
 def test_test_only_reproduces_the_training_runs_test_metrics(trained, demo_root, tmp_path):
     assert run_main(demo_root, tmp_path, "--test_only", "--path_to_model_weight", str(trained / "best.pth")) == 0
     again = json.loads((tmp_path / "results.json").read_text())
@@ -77,6 +79,7 @@ def test_resume_continues_to_the_same_weights(tiny, demo_root, tmp_path):
     assert results[0]["mse"] == results[1]["mse"]
 
 
+@pytest.mark.slow
 def test_existing_run_is_not_overwritten_without_resume(trained, demo_root):
     before = (trained / "last.pth").read_bytes()
     assert run_main(demo_root, trained, "--num_epoch", "1") == 1
@@ -174,6 +177,7 @@ def test_cosine_schedule_lowers_the_rates_and_resumes_exactly(tiny, demo_root, t
     assert {g["initial_lr"] for g in groups if g["name"] == "mobileNet"} == {option.DATASET_DEFAULTS["demo"]["init_lr_mobileNet"]}
 
 
+@pytest.mark.slow
 def test_fused_evaluation_gives_the_unfused_scores(trained, demo_root, tmp_path, monkeypatch):
     """The demo evaluates with --fuse_conv (on by default), in bfloat16 on CPUs that have it; --no-fuse_conv
     gives the same scores up to that rounding."""
@@ -197,6 +201,7 @@ def test_fuse_conv_needs_fold_bn(demo_root, tmp_path, capsys):
     assert "--fuse_conv needs --fold_bn" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_system_allocator_option(trained, demo_root, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(main_nni, "tune_cpu_allocator", lambda: calls.append(1) or True)

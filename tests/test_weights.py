@@ -57,6 +57,7 @@ def test_mobilenet_file_loads_features_and_ignores_classifier(tmp_path, donor):
 
 
 @pytest.mark.parametrize("variant", ["tad66k", "ava"])
+@pytest.mark.slow
 def test_released_plain_state_dict_and_our_checkpoint_load(tmp_path, donor, variant):
     plain = tmp_path / RELEASED[variant]
     torch.save(donor[variant].state_dict(), plain)
