@@ -236,8 +236,9 @@ def test_control_characters_in_names_reach_no_terminal_or_log(data, tmp_path, ca
 def test_ctrl_c_prints_one_line_with_the_resume_command(data, tmp_path):
     out = tmp_path / "R"
     script = textwrap.dedent("""
-        import sys, time, main_nni, engine
+        import signal, sys, time, main_nni, engine
         from reliability_helpers import TinyTANet, write_csv_data, write_jpeg
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell's background job inherits it ignored
         main_nni.TANet = TinyTANet
         real = engine.train_one_epoch
         def slow(*a, **k):
