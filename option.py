@@ -225,6 +225,17 @@ def apply_dataset_defaults(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def require_flickr_files(args: argparse.Namespace, who: str, alternative: str = "") -> None:
+    """ValueError naming ``--flickr_dir`` or ``--test_workers`` when ``args`` lacks it (``who`` needs them;
+    ``alternative``, e.g. " (or --dataset demo)", ends the message)."""
+    if not args.flickr_dir:
+        raise ValueError(f"{who} needs --flickr_dir, the folder of FLICKR-AES_image_labeled_by_each_worker.csv"
+                         f"{alternative}")
+    if not args.test_workers:
+        raise ValueError(f"{who} needs --test_workers FILE: the 37 test workers of the published split, one worker "
+                         f"id per line or a CSV with a worker column{alternative}")
+
+
 def check_options(args: argparse.Namespace) -> argparse.Namespace:
     """Refuse values that cannot work, naming the option."""
     for name in ("batch_size", "eval_batch_size", "num_epoch"):
@@ -245,12 +256,7 @@ def check_options(args: argparse.Namespace) -> argparse.Namespace:
     if not lo < hi:
         raise ValueError(f"--score_range needs LO < HI, got {lo} {hi}")
     if args.dataset == "flickr_aes":
-        if not args.flickr_dir:
-            raise ValueError("--dataset flickr_aes needs --flickr_dir, the folder of "
-                             "FLICKR-AES_image_labeled_by_each_worker.csv")
-        if not args.test_workers:
-            raise ValueError("--dataset flickr_aes needs --test_workers FILE: the 37 test workers of the published "
-                             "split, one worker id per line or a CSV with a worker column")
+        require_flickr_files(args, "--dataset flickr_aes")
         if args.variant == "ava":
             raise ValueError("--dataset flickr_aes has one rating per worker and image, no vote distributions: use "
                              "--variant tad66k")

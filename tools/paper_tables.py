@@ -119,12 +119,7 @@ def _data_files(args: argparse.Namespace) -> tuple[Path, Path]:
     if args.dataset == "demo":
         root = ensure_personal_dataset(args.demo_dir)
         return root, root / TEST_WORKERS_FILE
-    if not args.flickr_dir:
-        raise ValueError("personalized needs --flickr_dir, the folder of FLICKR-AES_image_labeled_by_each_worker.csv "
-                         "(or --dataset demo)")
-    if not args.test_workers:
-        raise ValueError("personalized needs --test_workers FILE: the 37 test workers of the published split, one "
-                         "worker id per line or a CSV with a worker column (or --dataset demo)")
+    option.require_flickr_files(args, "personalized", " (or --dataset demo)")
     return Path(args.flickr_dir), Path(args.test_workers)
 
 
