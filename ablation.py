@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -18,9 +19,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NoReturn
 
-from console import progress
-from safe_io import atomic_save_json, atomic_write
+import option
+from console import clip, progress
+from runtime import run_tied_child, stopped_by_signal
+from safe_io import atomic_save_json, atomic_write, json_text
 
 REPO = Path(__file__).resolve().parent
 # The rows of Table 5: the paper's name of each variant and its branches.
@@ -32,6 +36,7 @@ PAPER = {"APNet": (0.440, 0.457, 0.020), "APNet + TUNet": (0.483, 0.513, 0.017),
 # Options the table sets for every run; the rest of main_nni.py's options are the caller's.
 OWN_OPTIONS = ("--branches", "--seed", "--experiment_dir_name", "--resume", "--test_only")
 OPTIONS_FILE = "options.json"
+RUN_OUTPUTS = ("last.pth", "best.pth", "results.json")  # what a run that has trained leaves
 
 
 class AblationError(ValueError):
@@ -58,43 +63,92 @@ def plan(out: Path, seeds: Sequence[int]) -> list[Run]:
             for seed in seeds]
 
 
-def check_options(options: Sequence[str]) -> None:
-    """Refuse the options the table sets itself."""
+def check_options(options: Sequence[str]) -> dict[str, Any]:
+    """main_nni.py's options as its parser reads them (the data set's defaults filled in, as JSON values);
+    AblationError naming an option it does not take, a bad value, or one the table sets itself."""
     taken = [o for o in options if o.split("=")[0] in OWN_OPTIONS]
     if taken:
         raise AblationError(f"{', '.join(taken)}: the ablation table sets these for each run itself")
+    parser = option.build_parser()
+
+    def refuse(message: str) -> NoReturn:
+        raise AblationError(f"main_nni.py's options: {message}")
+
+    parser.error = refuse  # type: ignore[method-assign]
+    try:
+        args = option.check_options(option.apply_dataset_defaults(parser.parse_args(list(options))))
+    except AblationError:
+        raise
+    except ValueError as exc:
+        refuse(str(exc))
+    own = [f"--{dest}" for dest in (o.lstrip("-") for o in OWN_OPTIONS)
+           if getattr(args, dest) != parser.get_default(dest)]
+    if own:  # given abbreviated
+        raise AblationError(f"{', '.join(own)}: the ablation table sets these for each run itself")
+    return json.loads(json_text(vars(args), default=str))
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Parsed options alike (an option one of them does not know, from another version, is left aside)."""
+    return all(a[k] == b[k] for k in set(a) & set(b))
+
+
+def _started(folder: Path) -> list[str]:
+    """The run folders in ``folder`` that hold a checkpoint or results (a run made with its options)."""
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and any((d / n).exists() for n in RUN_OUTPUTS))
 
 
 def check_same_options(folder: Path, options: Sequence[str]) -> None:
     """Record the runs' options in ``folder/options.json``; refuse a rerun that changes them (its finished
-    runs would not compare with the new ones)."""
+    runs would not compare with the new ones) once a run has trained with them. Options are compared as
+    main_nni.py reads them, so another spelling or order is the same."""
+    parsed = check_options(options)
     record = folder / OPTIONS_FILE
     if record.is_file():
         before = json.loads(record.read_text(encoding="utf-8"))
-        if before != list(options):
-            raise AblationError(f"{folder} holds a table made with the options {shlex.join(before)!r}, not "
-                                f"{shlex.join(options)!r}; run it with the same options, or pick another --out")
-    else:
-        atomic_save_json(list(options), record)
+        argv = before.get("argv", []) if isinstance(before, dict) else before  # a list in earlier versions
+        try:
+            old = before["parsed"] if isinstance(before, dict) else check_options(argv)
+        except (AblationError, KeyError, TypeError):
+            old = None
+        started = _started(folder)
+        if started and (old is None or not _same(old, parsed)):
+            raise AblationError(f"{folder} holds runs ({', '.join(started[:3])}{', ...' if len(started) > 3 else ''}) "
+                                f"made with the options {shlex.join(argv)!r}, not {shlex.join(options)!r}; run it "
+                                f"with the same options, or pick another --out")
+        if started:
+            return
+    atomic_save_json({"argv": list(options), "parsed": parsed}, record)
 
 
 def finished(run: Run) -> bool:
     return (run.folder / "results.json").is_file()
 
 
+def _last_line(log: Path, start: int) -> str:
+    """The last line a run wrote into ``log`` from byte ``start`` on, without its time stamp."""
+    with open(log, "rb") as f:
+        f.seek(start)
+        lines = [line.strip() for line in f.read().decode("utf-8", "replace").splitlines() if line.strip()]
+    return clip(re.sub(r"^\d\d:\d\d:\d\d ", "", lines[-1])) if lines else "no output"
+
+
 def execute(run: Run, options: Sequence[str], log: Path) -> None:
-    """Train and test one run (resuming it when an earlier attempt was interrupted), output into ``log``."""
+    """Train and test one run (resuming it when an earlier attempt was interrupted), output into ``log``;
+    the run ends with this process (``runtime.run_tied_child``)."""
     command = run.command(options)
     if (run.folder / "last.pth").is_file() or (run.folder / "best.pth").is_file():
         command.append("--resume")
     with open(log, "a", encoding="utf-8") as f:
         f.write(f"$ {shlex.join(command)}\n")
         f.flush()
-        done = subprocess.run(command, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+        start = f.tell()
+        code = run_tied_child(command, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if done.returncode != 0:
-        raise AblationError(f"the run {run.folder.name} failed (exit {done.returncode}); its output is in {log}, "
-                            f"its folder {run.folder}; run the same command again to go on")
+    if code != 0:
+        again = "; run the same command again to go on" if stopped_by_signal(code) else ""
+        raise AblationError(f"the run {run.folder.name} stopped (exit {code}): {_last_line(log, start)} (its output "
+                            f"is in {log}, its folder {run.folder}){again}")
 
 
 def run_seconds(run: Run) -> float:
@@ -152,7 +206,7 @@ def run_table(out: str | os.PathLike, seeds: Sequence[int], options: Sequence[st
     then write ``out/table5.md`` and ``out/table5.json``; returns the JSON."""
     if not seeds:
         raise AblationError("give at least one seed")
-    check_options(options)
+    check_options(options)  # before anything is made
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     check_same_options(folder, options)

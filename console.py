@@ -13,9 +13,8 @@ import warnings
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
-from tqdm import tqdm
-
-__all__ = ["safe_text", "clip", "one_line", "SafeFormatter", "progress", "is_terminal", "warnings_as_lines"]
+__all__ = ["safe_text", "clip", "one_line", "SafeFormatter", "progress", "is_terminal", "warnings_as_lines",
+           "write_line"]
 
 MAX_MESSAGE = 1000  # characters of an error line
 LINE_EVERY = 10  # percent of a long loop between two progress lines in a log ...
@@ -83,8 +82,8 @@ class _LineProgress:
     ``LINE_EVERY`` percent that comes ``LINE_SECONDS`` after the last; no carriage returns."""
 
     def __init__(self, iterable: Iterable | None, total: int | None, desc: str, unit: str, stream: IO[str],
-                 initial: int = 0) -> None:
-        self.iterable, self.desc, self.unit, self.stream = iterable, desc, unit, stream
+                 initial: int = 0, silent: bool = False) -> None:
+        self.iterable, self.desc, self.unit, self.stream, self.silent = iterable, desc, unit, stream, silent
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)
         self.total, self.n, self.postfix = total, initial, ""
@@ -122,6 +121,8 @@ class _LineProgress:
         self._started = None
 
     def _line(self) -> None:
+        if self.silent:
+            return
         self._last_line = time.monotonic()
         seconds = self._last_line - (self._started or self._last_line)
         of = f"/{self.total}" if self.total else ""
@@ -136,7 +137,18 @@ def progress(iterable: Iterable | None = None, *, desc: str, total: int | None =
     percent of a long loop; nothing when not ``enabled``. Iterate over it, or use it as a context
     manager with ``update(n)``. ``bar_options`` go to tqdm (``unit_scale=True``, ...)."""
     out = sys.stderr if stream is None else stream
-    if enabled and not is_terminal(out):
-        return _LineProgress(iterable, total, desc, unit, out, initial)
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not enabled, initial=initial, leave=False,
-                dynamic_ncols=True, file=out, **bar_options)
+    if not enabled or not is_terminal(out):  # tqdm is imported for a bar only (it takes a tenth of a second)
+        return _LineProgress(iterable, total, desc, unit, out, initial, silent=not enabled)
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, leave=False, dynamic_ncols=True,
+                file=out, **bar_options)
+
+
+def write_line(text: str, file: IO[str] | None = None) -> None:
+    """Print ``text`` on a line of its own, above a progress bar when one is on the terminal."""
+    tqdm = sys.modules.get("tqdm")  # no bar was shown unless tqdm was imported
+    if tqdm is not None:
+        tqdm.tqdm.write(text, file=file)
+    else:
+        print(text, file=sys.stdout if file is None else file)

@@ -624,7 +624,8 @@ def tad66k_csv_files(root: str | os.PathLike) -> tuple[Path, Path, tuple[Path, P
     the reference's ``root/{train,test}.csv`` (its ``--path_to_save_csv ./dataset/merge/``) with the
     theme CSVs in ``root/../unmerge/`` or ``root/unmerge/`` when they are there."""
     root = Path(root)
-    for folder, theme_roots in ((root / "merge", [root / "unmerge"]), (root, [root.parent / "unmerge", root / "unmerge"])):
+    for folder, theme_roots in ((root / "merge", [root / "unmerge"]),
+                                (root, [root.parent / "unmerge", root / "unmerge"])):
         train, test = folder / "train.csv", folder / "test.csv"
         if train.is_file() and test.is_file():
             for themes in theme_roots:

@@ -29,13 +29,14 @@ import io
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+import re
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
 
-from safe_io import atomic_save_json, atomic_write
+from safe_io import atomic_save_json, atomic_write, json_text, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,9 @@ _JPEG_WEIGHT = 0.1
 _STRETCH = 1.5  # widens the score spread; about 5% of the images are clipped to 1 or 10
 _SEPIA = np.array([1.0, 0.78, 0.52], dtype=np.float32)
 _MANIFEST = "manifest.json"
+_JOURNAL = ".manifest.journal"  # the files of a generation in progress, one JSON line each
+_OLD_LOCK = ".generate.lock"  # the lock file of earlier versions: left alone
+_TEMP_NAME = re.compile(r"\.(.+)\.[0-9a-f]{12}\.tmp")  # safe_io.atomic_write's temp files
 
 
 def theme_score(theme: str, exposure: float, saturation: float, blur: float, noise: float,
@@ -113,51 +117,48 @@ def render_image(src: np.ndarray, theme: str, params: dict[str, float], rng: np.
     return buf.getvalue(), theme_score(theme, **params)
 
 
-def _generate(root: Path, n_train: int, n_test: int, seed: int, size: int) -> dict[str, int]:
-    """Write images and CSVs under root; return {relative path: size in bytes}."""
+def _generate(n_train: int, n_test: int, seed: int, size: int) -> Iterator[tuple[str, bytes]]:
+    """The files of the data set, one (relative path, bytes) at a time: the images, then the CSVs."""
     photos = sample_photos()
     rng = np.random.default_rng(seed)
     themes: list[str] = []
     for n in (n_train, n_test):  # balanced themes within each split, in random order
         themes += [THEMES[i] for i in rng.permutation(np.arange(n) % len(THEMES))]
 
-    files: dict[str, int] = {}
     rows: dict[str, list[tuple[str, float, str]]] = {"train": [], "test": []}
-    (root / "images").mkdir(parents=True, exist_ok=True)
     for i, theme in enumerate(themes):
         params = {k: float(rng.random()) for k in ("exposure", "saturation", "blur", "noise", "jpeg")}
         source = THEME_SOURCES[theme][int(rng.integers(len(THEME_SOURCES[theme])))]
         image_rng = np.random.default_rng(rng.integers(2 ** 63))
         data, score = render_image(photos[source], theme, params, image_rng, size)
         name = f"demo_{i:05d}.jpg"
-        (root / "images" / name).write_bytes(data)  # no fsync per image: the manifest, written last, vouches
-        files[f"images/{name}"] = len(data)
+        yield f"images/{name}", data
         rows["train" if i < n_train else "test"].append((name, round(score, 2), theme))
 
     for split, split_rows in rows.items():
-        files[f"merge/{split}.csv"] = _write_csv(root / "merge" / f"{split}.csv", split_rows)
+        yield f"merge/{split}.csv", _csv_bytes(split_rows)
         for theme in THEMES:
             theme_rows = [r for r in split_rows if r[2] == theme]
             if theme_rows:
-                files[f"unmerge/{split}/{theme}.csv"] = _write_csv(
-                    root / "unmerge" / split / f"{theme}.csv", theme_rows)
-    return files
+                yield f"unmerge/{split}/{theme}.csv", _csv_bytes(theme_rows)
 
 
-def _write_csv(path: Path, rows: list[tuple[str, float, str]]) -> int:
-    text = "image,score\n" + "".join(f"{name},{score:.2f}\n" for name, score, _ in rows)
-    data = text.encode("utf-8")
-    with atomic_write(path, "wb") as f:
-        f.write(data)
-    return len(data)
+def _csv_bytes(rows: list[tuple[str, float, str]]) -> bytes:
+    return ("image,score\n" + "".join(f"{name},{score:.2f}\n" for name, score, _ in rows)).encode("utf-8")
 
 
-def is_complete(root: Path, params: dict) -> bool:
+def _read_manifest(root: Path) -> dict | None:
     try:
         manifest = json.loads((root / _MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    if not isinstance(manifest, dict) or manifest.get("params") != params:
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def is_complete(root: Path, params: dict) -> bool:
+    """Whether root's manifest says it holds a generation with ``params``, every file there with its size."""
+    manifest = _read_manifest(root)
+    if manifest is None or manifest.get("params") != params:
         return False
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
@@ -171,29 +172,89 @@ def is_complete(root: Path, params: dict) -> bool:
     return True
 
 
-def _remove_generated(root: Path) -> None:
-    """Delete what an earlier generation may have left (only our own file names)."""
-    (root / _MANIFEST).unlink(missing_ok=True)
-    for pattern in ("images/demo_*.jpg", "merge/train.csv", "merge/test.csv",
-                    "unmerge/train/*.csv", "unmerge/test/*.csv"):
-        for p in root.glob(pattern):
-            p.unlink(missing_ok=True)
+class GenerationError(ValueError):
+    """A folder a generator may not write into: it holds files the generator did not write."""
 
 
 @contextlib.contextmanager
 def generation_lock(root: Path) -> Iterator[None]:
-    """Serialise generation between processes sharing root (POSIX; no lock elsewhere)."""
+    """Serialise generation between processes sharing root (POSIX; no lock elsewhere). The lock is
+    on the folder itself, so nothing is created in it."""
     try:
         import fcntl
     except ImportError:  # Windows
         yield
         return
-    with open(root / ".generate.lock", "a+b") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _own_files(root: Path, generator: str) -> dict[str, tuple[int, str | None]] | None:
+    """{relative path: (size, sha256 or None)} of the files ``generator`` wrote into root, as its manifest
+    and its journal (an interrupted generation's) list them; None when root holds a manifest that is
+    not ``generator``'s."""
+    own: dict[str, tuple[int, str | None]] = {}
+    if (root / _MANIFEST).exists():
+        manifest = _read_manifest(root)
+        if manifest is None or manifest.get("generator") != generator or not isinstance(manifest.get("files"), dict):
+            return None
+        digests = manifest.get("sha256")  # absent in manifests of earlier versions: sizes only
+        for rel, size in manifest["files"].items():
+            own[rel] = (size, digests.get(rel) if isinstance(digests, dict) else None)
+    try:
+        lines = (root / _JOURNAL).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
         try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            rel, size, digest = json.loads(line)
+        except (ValueError, TypeError):
+            continue  # a line cut short when the process was killed: its file was not written yet
+        own[rel] = (size, digest)
+    return own
+
+
+def _is_own(path: Path, rel: str, own: dict[str, tuple[int, str | None]]) -> bool:
+    """Whether the file at ``path`` is one the generator wrote: listed with that size and digest, or the
+    temp file of an interrupted atomic write of a listed file (or of the manifest)."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    if rel in own:
+        size, digest = own[rel]
+        return path.stat().st_size == size and (digest is None or sha256_file(path) == digest)
+    temp = _TEMP_NAME.fullmatch(path.name)
+    if temp is None:
+        return False
+    target = (Path(rel).parent / temp.group(1)).as_posix()
+    return target in own or target == _MANIFEST
+
+
+def _clear_own_files(root: Path, generator: str) -> None:
+    """Delete what ``generator`` wrote into root before (the files its manifest and journal list, with the
+    sizes and digests it wrote); GenerationError, with nothing deleted, when root holds anything else."""
+    own = _own_files(root, generator)
+    found: list[Path] = []
+    for folder, dirs, names in os.walk(root):  # in name order, so the first file named is always the same
+        dirs.sort()
+        base = Path(folder)
+        for name in sorted(names + [d for d in dirs if (base / d).is_symlink()]):
+            path = base / name
+            rel = path.relative_to(root).as_posix()
+            if rel == _OLD_LOCK:
+                continue
+            if own is None:  # a manifest not ours (or unreadable): it vouches for nothing here
+                rel = _MANIFEST
+            elif rel == _JOURNAL or rel == _MANIFEST or _is_own(path, rel, own):
+                found.append(path)
+                continue
+            raise GenerationError(f"{root} holds {rel}, which {generator} did not write (it writes only into a new "
+                                  f"or empty folder, or one of its own); nothing was changed: choose another folder")
+    for path in found:
+        path.unlink(missing_ok=True)
 
 
 def demo_parameters(n_train: int, n_test: int, seed: int, size: int) -> dict:
@@ -205,7 +266,7 @@ def demo_parameters(n_train: int, n_test: int, seed: int, size: int) -> dict:
         raise ValueError(f"demo data: size must be <= 2048, got {size}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"demo data: seed must be a non-negative integer, got {seed!r}")
-    rules = json.dumps(SCORE_RULES, sort_keys=True).encode("utf-8")
+    rules = json_text(SCORE_RULES, sort_keys=True).encode("utf-8")
     return {"version": GENERATOR_VERSION, "n_train": int(n_train), "n_test": int(n_test),
             "seed": int(seed), "size": int(size), "rules_sha256": hashlib.sha256(rules).hexdigest()}
 
@@ -222,23 +283,38 @@ def ensure_demo_dataset(root: str | os.PathLike | None = None, *, n_train: int =
     params = demo_parameters(n_train, n_test, seed, size)
     return ensure_generated(Path(root) if root is not None else DEFAULT_DEMO_ROOT, params, "demo_data.py",
                             f"the demo data set ({n_train} train + {n_test} test images)",
-                            remove=_remove_generated,
-                            generate=lambda folder: _generate(folder, n_train, n_test, seed, size))
+                            generate=lambda: _generate(n_train, n_test, seed, size))
 
 
-def ensure_generated(root: Path, params: dict, generator: str, what: str, *, remove: Callable[[Path], None],
-                     generate: Callable[[Path], dict[str, int]]) -> Path:
+def ensure_generated(root: Path, params: dict, generator: str, what: str, *,
+                     generate: Callable[[], Iterable[tuple[str, bytes]]]) -> Path:
     """``root`` holding a complete generation with ``params``: kept if its manifest says so, else made
-    under the generation lock (``remove`` clears a partial one, ``generate`` writes the files and returns
-    their sizes); the manifest is written last, so an interrupted generation is detected and redone."""
+    under the generation lock. ``generate`` gives the files as (relative path, bytes).
+
+    Only what ``generator`` wrote is ever removed (the files its manifest lists, with their sizes and
+    digests): a folder holding anything else is refused (GenerationError) and left as it is. Each file
+    is entered in a journal before it is written (atomically), and the manifest is written last, so an
+    interrupted generation is detected and redone.
+    """
     if is_complete(root, params):
         return root
     root.mkdir(parents=True, exist_ok=True)
     with generation_lock(root):
         if is_complete(root, params):  # another process made it while we waited
             return root
+        _clear_own_files(root, generator)
         logger.warning("generating %s in %s", what, root)
-        remove(root)
-        files = generate(root)
-        atomic_save_json({"generator": generator, "params": params, "files": files}, root / _MANIFEST)
+        sizes: dict[str, int] = {}
+        digests: dict[str, str] = {}
+        with open(root / _JOURNAL, "a", encoding="utf-8") as journal:
+            for rel, data in generate():
+                digest = hashlib.sha256(data).hexdigest()
+                journal.write(json_text([rel, len(data), digest]) + "\n")
+                journal.flush()  # listed before it exists: a killed run leaves only files it can vouch for
+                with atomic_write(root / rel, "wb", sync=False) as f:  # the manifest, written last, is synced
+                    f.write(data)
+                sizes[rel], digests[rel] = len(data), digest
+        atomic_save_json({"generator": generator, "params": params, "files": sizes, "sha256": digests},
+                         root / _MANIFEST)
+        (root / _JOURNAL).unlink()
     return root

@@ -11,8 +11,6 @@ import pathlib
 import re
 import sys
 
-import requests
-
 from console import progress as progress_bar
 from safe_io import atomic_write, first_line
 
@@ -41,6 +39,8 @@ def download(url: str, dest: PathLike, *, sha256: str | None = None, timeout: fl
     Prints the SHA-256 of the downloaded bytes to stderr. Any failure raises DownloadError naming
     the URL and leaves neither `dest` (if it was absent) nor a temp file behind.
     """
+    import requests  # here, not above: scoring an .onnx imports this module's error, never requests
+
     expected = _check_sha256_arg(sha256)
     target = pathlib.Path(dest)
     target.parent.mkdir(parents=True, exist_ok=True)

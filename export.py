@@ -4,40 +4,42 @@ with one.
 The file holds the isolated model (every image scored alone, so scores never depend on batch-mates;
 the theme ResNet, which cannot change an isolated score, is left out), a dynamic batch axis, two
 outputs (``output``: the model's own output; ``score``: the score on 1..10) and, in its metadata, the
-preprocessing contract and what the outputs mean. ``onnx`` and ``onnxruntime`` are an optional extra
-(``requirements-deploy.txt``).
+preprocessing contract and what the outputs mean. Before the file is written, onnxruntime's outputs
+are compared with PyTorch's on a random batch: an export that does not agree (or gives non-finite
+outputs) is refused and nothing is written. ``onnx`` and ``onnxruntime`` are an optional extra
+(``requirements-deploy.txt``); scoring with the file is ``onnx_model.OnnxModel``, without torch.
 """
 from __future__ import annotations
 
 import io
-import json
+import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from models import TANet, load_tanet
+from onnx_model import ONNX_FORMAT, ExportError, OnnxModel, require
 from presets import INPUT_SHAPE, VARIANT_PRESETS, scores_1_to_10
-from safe_io import atomic_write, sha256_file
+from safe_io import atomic_write, json_text, sha256_file
 
-ONNX_FORMAT = "tanet-onnx/1"
+__all__ = ["ONNX_FORMAT", "OPSET", "PARITY_TOLERANCE", "ExportError", "Exported", "OnnxModel", "export_onnx",
+           "metadata", "read_metadata"]
+
 OPSET = 18
-EXTRA_HINT = "install the optional extra: pip install -r requirements-deploy.txt"
+PARITY_TOLERANCE = 1e-4  # max |onnxruntime - PyTorch| over the outputs of a random batch
 
 
-class ExportError(ValueError):
-    """An export or an ONNX file that cannot be used (the message names it)."""
+class Exported(NamedTuple):
+    """What ``export_onnx`` wrote: the file's metadata, and the max |onnxruntime - PyTorch| difference
+    of the outputs of a random batch of 3."""
 
-
-def _require(module: str) -> Any:
-    try:
-        return __import__(module)
-    except ImportError:
-        raise ExportError(f"the ONNX export and ONNX scoring need the package {module!r}: {EXTRA_HINT}") from None
+    metadata: dict[str, str]
+    max_difference: float
 
 
 class _WithScore(nn.Module):
@@ -62,25 +64,28 @@ def metadata(model: TANet, checkpoint: Path) -> dict[str, str]:
         "tanet.variant": model.variant,
         "tanet.branches": ",".join(model.branches),
         "tanet.theme_fusion": "isolated",
-        "tanet.preprocessing": json.dumps(preset.preprocessing),
-        "tanet.outputs": json.dumps(outputs),
+        "tanet.preprocessing": json_text(preset.preprocessing),
+        "tanet.outputs": json_text(outputs),
         "tanet.source_checkpoint": checkpoint.name,
         "tanet.source_sha256": sha256_file(checkpoint),
     }
 
 
 def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, *, variant: str | None = None,
-                allow_unsafe: bool = False) -> dict[str, str]:
+                allow_unsafe: bool = False) -> Exported:
     """Export a TANet checkpoint (ours or released, either variant, any branches) to ``out`` (written
-    atomically); returns the metadata written into the file."""
-    onnx = _require("onnx")
-    _require("onnxscript")
+    atomically, only once onnxruntime agrees with PyTorch within ``PARITY_TOLERANCE``: else ExportError
+    and nothing written)."""
+    onnx = require("onnx")
+    require("onnxscript")
+    ort = require("onnxruntime")
     checkpoint, out = Path(checkpoint), Path(out)
     if out.suffix.lower() != ".onnx":
         raise ExportError(f"--out {out}: name the file .onnx")
     model, _ = load_tanet(checkpoint, variant=variant, theme_fusion="isolated", theme_network=False,
                           allow_unsafe=allow_unsafe)
-    wrapped = _WithScore(model.eval())
+    x, ref = _reference_outputs(model.eval(), checkpoint)  # before the slow export: broken weights fail at once
+    wrapped = _WithScore(model)
     example = torch.zeros(2, *INPUT_SHAPE)
     batch = torch.export.Dim("batch", min=1, max=65536)
     with warnings.catch_warnings(), torch.no_grad():
@@ -94,46 +99,38 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, *, varian
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.checker.check_model(proto)
+    data = proto.SerializeToString()
+    difference = _parity(ort.InferenceSession(data, providers=["CPUExecutionProvider"]), x, ref, checkpoint)
     with atomic_write(out, "wb") as f:
-        f.write(proto.SerializeToString())
-    return info
+        f.write(data)
+    return Exported(info, difference)
 
 
-class OnnxModel:
-    """An exported TANet run by onnxruntime on the CPU: called with a (B, 3, 224, 224) batch, it
-    returns the model's output as a torch tensor, as TANet does."""
+def _reference_outputs(model: TANet, checkpoint: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A random batch of 3 and PyTorch's outputs for it; ExportError when they are not finite."""
+    x = torch.randn(3, *INPUT_SHAPE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x).numpy()
+    if not np.isfinite(ref).all():
+        raise ExportError(f"{checkpoint} gives non-finite outputs (NaN or infinity) on a random batch: its weights "
+                          f"are broken; no ONNX file written")
+    return x.numpy(), ref
 
-    def __init__(self, path: str | os.PathLike, *, threads: int | None = None) -> None:
-        ort = _require("onnxruntime")
-        self.path = Path(path)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for bad files
-            raise ExportError(f"ONNX file {self.path} cannot be loaded: {str(exc).splitlines()[0]}") from None
-        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
-        if self.metadata.get("tanet.format") != ONNX_FORMAT:
-            raise ExportError(f"{self.path} is not a TANet ONNX export of this project (no {ONNX_FORMAT!r} in its "
-                              f"metadata): export one with tools/export.py")
-        self.variant = self.metadata["tanet.variant"]
-        self.branches = tuple(self.metadata["tanet.branches"].split(","))
-        self.theme_fusion = "isolated"
 
-    def __call__(self, images: Tensor) -> Tensor:
-        batch = np.ascontiguousarray(images.detach().to("cpu", torch.float32).numpy())
-        output, _ = self.session.run(["output", "score"], {"image": batch})
-        return torch.from_numpy(output)
-
-    def __repr__(self) -> str:
-        return f"OnnxModel({str(self.path)!r}, variant={self.variant!r})"
+def _parity(session: object, x: np.ndarray, ref: np.ndarray, checkpoint: Path) -> float:
+    """Max |onnxruntime - PyTorch| over the outputs of the batch ``x``; ExportError when it is not finite
+    or above ``PARITY_TOLERANCE``."""
+    (got,) = session.run(["output"], {"image": x})
+    difference = float(np.abs(got - ref).max())
+    if not math.isfinite(difference) or difference > PARITY_TOLERANCE:
+        raise ExportError(f"the ONNX export of {checkpoint} differs from PyTorch by {difference:.1e} on a random "
+                          f"batch (tolerance {PARITY_TOLERANCE:.0e}); no ONNX file written")
+    return difference
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The TANet metadata of an ONNX file, read with ``onnx`` (no session)."""
-    onnx = _require("onnx")
+    onnx = require("onnx")
     with open(path, "rb") as f:
         proto = onnx.load_model(io.BytesIO(f.read()), load_external_data=False)
     return {p.key: p.value for p in proto.metadata_props}

@@ -48,6 +48,14 @@ def _cell(value: str) -> str:
     return clip(repr(value), 80)
 
 
+def _check_worker_id(worker: str, where: str) -> None:
+    """DataError (``where``: the file and its row or line) for a worker id with spaces, commas or control
+    characters: the ratings and the test-workers file take the same ids."""
+    if re.search(r"[\s,]", worker) or _CONTROL.search(worker):
+        raise DataError(f"{where}: worker {_cell(worker)} is not a worker id (it has spaces, commas or control "
+                        f"characters)")
+
+
 def to_1_10(scores: np.ndarray) -> np.ndarray:
     """Ratings (or their means) on 1..5 mapped onto 1..10: 1 + 9 (s - 1) / 4, as ``--score_range 1 5``."""
     return rescale_scores(scores, RATING_SCALE)
@@ -98,6 +106,7 @@ def read_ratings(path: str | os.PathLike) -> pd.DataFrame:
                 raise DataError(f"{where}: the {name} cell is empty")
             if _CONTROL.search(value):
                 raise DataError(f"{where}: the {name} cell has control characters: {_cell(value)}")
+        _check_worker_id(worker, where)
         try:
             value = float(score)
         except ValueError:
@@ -139,9 +148,7 @@ def read_test_workers(path: str | os.PathLike) -> list[str]:
     for where, worker in entries:
         if not worker:
             raise DataError(f"test-workers file {path}: {where} has an empty worker id")
-        if re.search(r"[\s,]", worker) or _CONTROL.search(worker):
-            raise DataError(f"test-workers file {path}: {where}: {_cell(worker)} is not a worker id (it has spaces, "
-                            f"commas or control characters); list one id per line, or give a CSV a worker column")
+        _check_worker_id(worker, f"test-workers file {path}: {where}")
         if worker in seen:
             raise DataError(f"test-workers file {path}: {where} repeats worker {_cell(worker)} (first at "
                             f"{seen[worker]})")

@@ -143,14 +143,15 @@ def _write_list(path: Path | None, lines: Sequence[str]) -> None:
 def check_images(dataset: ImageTableDataset, *, mode: str = "decode", split: str = "train",
                  skip_missing: bool = False, skip_bad: bool = False, log_dir: str | os.PathLike | None = None,
                  workers: int | None = None, cache: str | os.PathLike | None | bool = True,
-                 progress: bool = False) -> ImageTableDataset:
+                 progress: bool = False, offer_skip: bool = True) -> ImageTableDataset:
     """Check a split's images; returns the dataset.
 
     ``mode`` "exists": every file exists; "decode" (the default) also decodes each one as training
     would; "none": nothing. Missing files stop the run (``DataError`` naming the CSV, the rows and
     the option that gets past it) unless ``skip_missing``; undecodable ones unless ``skip_bad``. Skipped
     images are dropped from the dataset (in place) and listed in ``log_dir/{missing,bad}_images_<split>.txt``.
-    ``cache``: True for the default cache file, a path, or None/False for none.
+    ``cache``: True for the default cache file, a path, or None/False for none. ``offer_skip``: the
+    messages suggest --skip_missing and --skip_bad (False for a command that has no such options).
     """
     if mode not in CHECK_MODES:
         raise ValueError(f"--check_images must be one of {', '.join(CHECK_MODES)}, got {mode!r}")
@@ -167,7 +168,7 @@ def check_images(dataset: ImageTableDataset, *, mode: str = "decode", split: str
                             f"check --path_to_images")
         if not skip_missing:
             raise DataError(f"{where} (first: {_listed(dataset, rows)}; looked in {looked}); check "
-                            f"--path_to_images, or pass --skip_missing to train without them")
+                            f"--path_to_images{', or pass --skip_missing to train without them' if offer_skip else ''}")
         log = folder / f"missing_images_{split}.txt" if folder is not None else None
         _write_list(log, [dataset.names[i] for i in rows])
         logger.warning("%s; skipping them (--skip_missing)%s", where, f", names in {log}" if log else "")
@@ -204,9 +205,9 @@ def check_images(dataset: ImageTableDataset, *, mode: str = "decode", split: str
     why = [str(errors[i]) for i in bad]
     where = f"{len(bad)} of {len(dataset)} images listed in {dataset.source} cannot be decoded"
     if not skip_bad or len(bad) == len(dataset):
-        raise DataError(f"{where} (first: {_listed(dataset, bad, why)}); replace or remove them, pass "
-                        f"--skip_bad to train without them, or --check_images exists to check only that "
-                        f"the files exist")
+        skip = "pass --skip_bad to train without them, " if offer_skip else ""
+        raise DataError(f"{where} (first: {_listed(dataset, bad, why)}); replace or remove them, {skip}or pass "
+                        f"--check_images exists to check only that the files exist")
     log = folder / f"bad_images_{split}.txt" if folder is not None else None
     _write_list(log, [f"{dataset.names[i]}\t{w}" for i, w in zip(bad, why)])
     logger.warning("%s; skipping them (--skip_bad)%s", where, f", listed in {log}" if log else "")

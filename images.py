@@ -1,29 +1,39 @@
 """Images as the reference's model sees them: any file Pillow reads, fully decoded, EXIF-oriented, in
 RGB (with every check of a broken or hostile file), and the reference's evaluation transform (a fixed
-resize, then ToTensor and ImageNet Normalize) computed with Pillow and torch as torchvision computes it,
-so that scoring images needs neither torchvision nor pandas."""
+resize, then ToTensor and ImageNet Normalize) computed with Pillow and numpy as torchvision computes it
+(the same float32 values to the bit), so that scoring images needs neither torchvision nor pandas, and
+scoring an ONNX export not even torch (imported here only to hand a tensor over)."""
 from __future__ import annotations
 
 import io
 import os
+import threading
 import warnings
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
-import torch
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, TiffImagePlugin
 
 from presets import IMAGENET_MEAN, IMAGENET_STD, TRANSFORMS
 
-__all__ = ["DataError", "IMAGE_FORMATS", "to_rgb", "load_image", "decode_image", "link_leaves_folder", "Resize",
-           "EvalTransform", "to_normalised_tensor"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["DataError", "IMAGE_FORMATS", "to_rgb", "load_image", "decode_image", "PixelBudget", "link_leaves_folder",
+           "Resize", "EvalTransform", "to_normalised_array", "to_normalised_tensor"]
 
 # Raster formats we open; others (EPS via Ghostscript, PDF, ...) are refused as not images.
 IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "DIB", "GIF", "TIFF", "WEBP", "PPM", "TGA", "JPEG2000")
 # The filters of the reference's resizes: torchvision's Resize on a PIL image is Pillow's bilinear
 # resize; the AVA script's img.resize() uses Pillow's default, bicubic.
 RESAMPLE = {"torchvision": Image.Resampling.BILINEAR, "pil": Image.Resampling.BICUBIC}
+# A reduced decoding (``reduce_above``) keeps at least this many pixels on the image's shorter side:
+# several times the 224 the model sees, so that the evaluation resize still averages over many pixels.
+REDUCED_MIN_SIDE = 1024
+# Modes whose reduction (a box average) commutes with ``to_rgb``'s conversion, near enough; others
+# (palettes, 16-bit and float values scaled by their range) are converted to RGB first.
+_REDUCIBLE = ("L", "LA", "RGB", "RGBA", "RGBa", "CMYK", "YCbCr")
 
 
 class DataError(ValueError):
@@ -72,16 +82,87 @@ def _open_formats() -> tuple[str, ...]:
     return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
 
 
-def _decode(source: str | IO[bytes], name: str, draft: tuple[int, int] | None) -> Image.Image:
+class PixelBudget:
+    """The pixels that several images may decode together (the images of one request); ``take``
+    charges one image, DataError naming it when its pixels are more than are left."""
+
+    def __init__(self, pixels: int) -> None:
+        self.limit = self.left = int(pixels)
+
+    def take(self, pixels: int, name: str) -> None:
+        if pixels > self.left:
+            raise DataError(f"image file {name} has {pixels:,} pixels to decode, more than the {self.left:,} left "
+                            f"of the limit of {self.limit:,} for the images sent together; send it alone or with "
+                            f"fewer images")
+        self.left -= pixels
+
+
+def _reduction(size: tuple[int, int], reduce_above: int | None) -> int:
+    """1 for an image of at most ``reduce_above`` pixels; else the largest factor of 2, 4 or 8 that
+    keeps its shorter side at least REDUCED_MIN_SIDE (1 if none does)."""
+    width, height = size
+    factor = 1
+    if reduce_above is not None and width * height > reduce_above:
+        while factor < 8 and min(width, height) // (2 * factor) >= REDUCED_MIN_SIDE:
+            factor *= 2
+    return factor
+
+
+_TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+          5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+          8: Image.Transpose.ROTATE_90}  # EXIF orientation -> the turn, as ImageOps.exif_transpose makes it
+
+
+def _turn(img: Image.Image) -> Image.Transpose | None:
+    """The turn that ``img``'s EXIF orientation asks for (None: none), as ImageOps.exif_transpose makes it."""
+    return _TURNS.get(img.getexif().get(ExifTags.Base.Orientation, 1))
+
+
+_decoding = threading.local()  # .name: the file this thread decodes
+
+
+class _NamingWarnings:
+    """The ``warnings`` module as Pillow's EXIF reader sees it: a warning raised while this thread decodes
+    a file ("Corrupt EXIF data. ...", which Pillow words without the file) names that file."""
+
+    def __getattr__(self, attr: str):
+        return getattr(warnings, attr)
+
+    def warn(self, message: object, category: type[Warning] | None = None, stacklevel: int = 1,
+             source: object = None) -> None:
+        name = getattr(_decoding, "name", None)
+        if name is not None:
+            message = f"image file {name}: {message}"
+        warnings.warn(message, category, stacklevel + 1, source)
+
+
+TiffImagePlugin.warnings = _NamingWarnings()  # where Pillow parses EXIF blocks (of JPEG, PNG, WebP, TIFF)
+
+
+def _decode(source: str | IO[bytes], name: str, draft: tuple[int, int] | None, reduce_above: int | None = None,
+            budget: PixelBudget | None = None) -> Image.Image:
     """Decode an opened file or a path; every failure is a DataError naming ``name``."""
+    _decoding.name = name
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source, formats=_open_formats()) as img:
                 if draft is not None and img.format == "JPEG":
                     img.draft("RGB", draft)  # decode at a reduced size, at least ``draft`` (changes pixels)
+                factor = _reduction(img.size, reduce_above)
+                if factor > 1 and img.format == "JPEG":  # JPEG decodes at 1/2, 1/4 or 1/8 of its size
+                    img.draft("RGB", (img.size[0] // factor, img.size[1] // factor))
+                    factor = _reduction(img.size, reduce_above)
+                if budget is not None:
+                    budget.take(img.size[0] * img.size[1], name)
                 img.load()
-                oriented = ImageOps.exif_transpose(img)
+                turn = _turn(img)
+                small = img
+                if factor > 1:  # other formats decode whole: reduced before any copy or conversion
+                    small = img.reduce(factor) if img.mode in _REDUCIBLE else to_rgb(img).reduce(factor)
+                    img.close()  # its pixels are given back now
+                # no copy when it needs no turn (exif_transpose copies): the same pixels, less memory
+                oriented = small if turn is None else small.transpose(turn)
                 try:
                     return to_rgb(oriented)
                 except ValueError as exc:
@@ -97,6 +178,8 @@ def _decode(source: str | IO[bytes], name: str, draft: tuple[int, int] | None) -
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for broken files
         raise DataError(f"image file {name} could not be decoded (truncated or corrupt?): "
                         f"{type(exc).__name__}: {exc}") from None
+    finally:
+        _decoding.name = None
 
 
 def load_image(path: str | os.PathLike, *, draft: tuple[int, int] | None = None) -> Image.Image:
@@ -117,11 +200,18 @@ def load_image(path: str | os.PathLike, *, draft: tuple[int, int] | None = None)
     return _decode(str(p), str(p), draft)
 
 
-def decode_image(data: bytes, name: str, *, draft: tuple[int, int] | None = None) -> Image.Image:
-    """``load_image`` for the bytes of an image file in memory (``name`` only labels messages)."""
+def decode_image(data: bytes, name: str, *, draft: tuple[int, int] | None = None, reduce_above: int | None = None,
+                 budget: PixelBudget | None = None) -> Image.Image:
+    """``load_image`` for the bytes of an image file in memory (``name`` only labels messages).
+
+    ``reduce_above``: an image of more pixels is decoded reduced, by 2, 4 or 8 on each side but to no
+    less than REDUCED_MIN_SIDE on its shorter one (a JPEG while decoding, others before any conversion):
+    less memory, other pixels. An image of up to that many pixels is decoded exactly as ``load_image``
+    does. ``budget``: the pixels it decodes are charged to it (DataError when too few are left).
+    """
     if not data:
         raise DataError(f"image file {name} is empty (0 bytes)")
-    return _decode(io.BytesIO(data), name, draft)
+    return _decode(io.BytesIO(data), name, draft, reduce_above, budget)
 
 
 def link_leaves_folder(path: str, real_root: str) -> str | None:
@@ -147,14 +237,27 @@ class Resize:
         return f"PilResize(size={self.size[::-1]})"
 
 
+_MEAN = np.asarray(IMAGENET_MEAN, np.float32).reshape(-1, 1, 1)
+_STD = np.asarray(IMAGENET_STD, np.float32).reshape(-1, 1, 1)
+
+
+def to_normalised_array(img: Image.Image) -> np.ndarray:
+    """An RGB image -> (3, H, W) float32 numpy array in ImageNet normalisation, with torchvision's
+    ToTensor and Normalize arithmetic (float32 division by 255, then minus the mean, divided by the
+    std: the same values to the bit)."""
+    pixels = np.asarray(img, np.uint8).reshape(img.size[1], img.size[0], 3)
+    chw = np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32)
+    chw /= np.float32(255)
+    chw -= _MEAN
+    chw /= _STD
+    return chw
+
+
 def to_normalised_tensor(img: Image.Image) -> torch.Tensor:
-    """An RGB image -> (3, H, W) float32 in ImageNet normalisation, with torchvision's ToTensor and
-    Normalize arithmetic (so the values are the same to the bit)."""
-    pixels = torch.from_numpy(np.array(img, np.uint8, copy=True)).view(img.size[1], img.size[0], 3)
-    tensor = pixels.permute((2, 0, 1)).contiguous().to(dtype=torch.float32).div(255)
-    mean = torch.as_tensor(IMAGENET_MEAN, dtype=torch.float32).view(-1, 1, 1)
-    std = torch.as_tensor(IMAGENET_STD, dtype=torch.float32).view(-1, 1, 1)
-    return tensor.sub_(mean).div_(std)
+    """``to_normalised_array`` as a torch tensor (sharing its memory)."""
+    import torch
+
+    return torch.from_numpy(to_normalised_array(img))
 
 
 class EvalTransform:
@@ -170,6 +273,10 @@ class EvalTransform:
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         return to_normalised_tensor(self.resize(img))
+
+    def array(self, img: Image.Image) -> np.ndarray:
+        """The same transform as a float32 numpy array (the values of ``__call__``, without torch)."""
+        return to_normalised_array(self.resize(img))
 
     def __repr__(self) -> str:
         return f"EvalTransform({self.style!r}: {self.resize!r}, ToTensor, Normalize(ImageNet))"

@@ -7,8 +7,11 @@ import logging
 import math
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -52,6 +55,7 @@ from runtime import (
     default_loader_workers,
     capture_rng_state,
     cpu_has_native_bf16,
+    describe_hardware,
     resolve_amp,
     resolve_device,
     restore_rng_state,
@@ -60,6 +64,7 @@ from runtime import (
 )
 from safe_io import (
     CheckpointError,
+    DiskFullError,
     atomic_save_json,
     atomic_torch_save,
     remove_stale_temp_files,
@@ -109,7 +114,8 @@ def place_process(device: str, gpu_id: str, backend: str, world: int, local_rank
         return device, backend
     if local_rank >= cuda_devices and backend == "nccl":
         raise ValueError(f"local rank {local_rank} has no GPU of its own ({cuda_devices} on this machine): NCCL "
-                         f"needs one GPU per process; lower --nproc_per_node, or pass --dist_backend gloo to share GPUs")
+                         f"needs one GPU per process; lower --nproc_per_node, "
+                         f"or pass --dist_backend gloo to share GPUs")
     return f"cuda:{local_rank % cuda_devices}", backend
 
 
@@ -236,19 +242,26 @@ def final_results(preds: Predictions, args, device: torch.device, split: str, ch
         log.warning("test SRCC and PLCC are undefined: %s", metrics["undefined"]["srcc"])
     return {**metrics, "split": split, "checkpoint": checkpoint, "dataset": args.dataset, "variant": args.variant,
             "theme_fusion": args.theme_fusion, "branches": args.branches, "eval_batch_size": args.eval_batch_size,
-            "evaluation": evaluation_path(args, device), **extra}
+            "precision": precision_name(args.amp), "evaluation": evaluation_path(args, device),
+            "hardware": describe_hardware(device), **extra}
+
+
+def precision_name(amp: str) -> str:
+    """The precision of a resolved ``--amp`` as results and logs name it (float32, bf16, fp16)."""
+    return "float32" if amp == "none" else amp
 
 
 def evaluation_path(args: argparse.Namespace, device: torch.device) -> dict:
     """How evaluation computed the test predictions (the report runs the same path)."""
-    return {"device": str(device), "amp": args.amp, "fold_bn": bool(args.fold_bn), "channels_last": bool(args.channels_last),
+    return {"device": str(device), "amp": args.amp, "fold_bn": bool(args.fold_bn),
+            "channels_last": bool(args.channels_last),
             "fuse_conv": bool(args.fold_bn) and fuses_conv(args.fuse_conv, device, args.amp)}
 
 
 def log_precision(args: argparse.Namespace, device: torch.device) -> None:
     """Say which precision runs (``--amp auto`` is already resolved) and warn where bf16 is emulated."""
     emulated = args.amp == "bf16" and device.type == "cpu" and not cpu_has_native_bf16()
-    log.info("precision: %s%s", "float32" if args.amp == "none" else args.amp,
+    log.info("precision: %s%s", precision_name(args.amp),
              " (emulated on this CPU, which has no bfloat16 instructions: about 10x slower than float32; "
              "use --amp none)" if emulated else "")
 
@@ -276,8 +289,13 @@ def unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
+SAVE_RETRY_WAITS = (10.0, 30.0, 60.0)  # seconds before each new try of a checkpoint on a full disk
+
+
 def save_run_checkpoint(path: Path, model, optimizer, scaler, state: dict, args, rng: list) -> None:
-    atomic_torch_save({
+    """Write a training checkpoint; on a full disk, try again after each of SAVE_RETRY_WAITS (the
+    weights stay in memory), then raise DiskFullError."""
+    payload = {
         "format": CHECKPOINT_FORMAT,
         "model": unwrap(model).state_dict(),
         "variant": args.variant,
@@ -287,7 +305,27 @@ def save_run_checkpoint(path: Path, model, optimizer, scaler, state: dict, args,
         "options": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()},
         "rng": rng,
         **state,
-    }, path)
+    }
+    for wait in (*SAVE_RETRY_WAITS, None):
+        try:
+            atomic_torch_save(payload, path)
+            return
+        except DiskFullError as exc:
+            if wait is None:
+                raise DiskFullError(exc.errno, f"{exc} (tried {len(SAVE_RETRY_WAITS) + 1} times in "
+                                               f"{sum(SAVE_RETRY_WAITS):.0f} s)") from None
+            log.warning("%s; trying again in %.0f s", exc, wait)
+            time.sleep(wait)
+
+
+RECIPE_OPTIONS = ("batch_size", "seed", "loss", "lr_schedule", "init_lr", *(f"init_lr_{g}" for g in PARAM_GROUPS))
+
+
+def changed_options(saved: dict, args: argparse.Namespace) -> str:
+    """"--batch_size 6 (was 8), ..." for the options of the training recipe that differ from ``saved``
+    (a checkpoint's options); "" when none does."""
+    return ", ".join(f"--{k} {getattr(args, k)} (was {saved[k]})" for k in RECIPE_OPTIONS
+                     if k in saved and saved[k] != getattr(args, k, saved[k]))
 
 
 def read_resume_checkpoint(path: Path, out: Path) -> dict:
@@ -406,6 +444,10 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device, o
         restore_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
         state = {k: ckpt[k] for k in state}
         log.info("resumed from %s after epoch %d", start, state["epoch"])
+        changed = changed_options(ckpt.get("options") or {}, args)
+        if changed:  # allowed (an NNI tuner may change them), but the run is no longer one recipe
+            log.warning("--resume with options other than the checkpoint's run: %s; the epochs from now on train "
+                        "with the new values", changed)
     elif args.resume:
         log.info("nothing to resume in %s: starting a new run", out)
 
@@ -420,7 +462,8 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device, o
         train_loss = train_one_epoch(
             net, loader, optimizer, criterion, device, epoch=epoch, amp=args.amp, scaler=scaler,
             channels_last=args.channels_last, progress=not args.quiet and is_main,
-            before_step=lambda i: scale_learning_rates(optimizer, lr_factor(args.lr_schedule, done_steps + i, total_steps)))
+            before_step=lambda i: scale_learning_rates(
+                optimizer, lr_factor(args.lr_schedule, done_steps + i, total_steps)))
         train_seconds = time.time() - started
         val = evaluate(net, data["val"], args, device, criterion, rank, world, "val")
         val = val.metrics(args.variant, per_theme=False)
@@ -432,7 +475,8 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device, o
         state["epoch"] = epoch + 1
         state["history"].append({"epoch": epoch + 1, "train_loss": train_loss, "seconds": seconds,
                                  "train_images_per_s": round(len(data["train"]) / train_seconds, 1),
-                                 **{f"val_{k}": v for k, v in val.items() if k not in ("per_theme", "undefined")}})
+                                 **{f"val_{k}": v for k, v in val.items() if k not in ("per_theme", "undefined")},
+                                 **({"val_undefined": val["undefined"]["srcc"]} if "undefined" in val else {})})
         rng = all_rng_states(world)
         if is_main:
             if improved:
@@ -459,10 +503,15 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device, o
         checkpoint = str(best)
     else:  # no epoch, or no finite validation metric: test the last weights
         checkpoint = str(last) if last.is_file() else "initial weights"
+    if checkpoint == "initial weights" and weights is None:
+        log.warning("--num_epoch %d: the test scores untrained weights (%s); pass --path_to_model_weight to test "
+                    "a trained model", args.num_epoch, "backbones pretrained, heads random"
+                    if args.backbones == "pretrained" else "random initialisation")
     status["phase"] = "the test"
     preds, timing = timed_evaluate(net, data["test"], args, device, report_criterion, rank, world)
     results = final_results(preds, args, device, "test", checkpoint, {**timing,
-        "best_epoch": state["best_epoch"], "selection": f"{args.metric} on {'test' if args.validation == 'test' else 'val'}",
+        "best_epoch": state["best_epoch"],
+        "selection": f"{args.metric} on {'test' if args.validation == 'test' else 'val'}",
         "best_val_metric": state["best_metric"], "history": state["history"],
     })
     if is_main:
@@ -522,15 +571,31 @@ def resume_command(argv: list[str], out: Path) -> str:
     return shlex.join(["python", "main_nni.py", *kept, "--experiment_dir_name", str(out), "--resume"])
 
 
-def interrupted(args: argparse.Namespace, argv: list[str], out: Path, status: dict) -> str:
-    """The one line that says where a run stopped on Ctrl-C, and how to continue it."""
-    where = f"interrupted during {status.get('phase', 'start-up')}"
+def interrupted(args: argparse.Namespace, argv: list[str], out: Path, status: dict, how: str = "interrupted") -> str:
+    """The one line that says where a run stopped (on Ctrl-C: ``how`` "interrupted"), and how to continue it."""
+    where = f"{how} during {status.get('phase', 'start-up')}"
     if args.test_only:
         return f"{where}; nothing was written: run the same command again"
     saved = [name for name in ("last.pth", "best.pth") if (out / name).is_file()]
     if not saved:
         return f"{where}, before the first epoch ended; nothing to resume: run the same command again"
     return f"{where}; continue from the last finished epoch with: {resume_command(argv, out)}"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, ``kill``, NNI stopping a trial): the run stops as on Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def catch_sigterm() -> Callable[[], None]:
+    """Make SIGTERM raise Terminated (from the main thread; elsewhere nothing changes); returns the undoing."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -545,6 +610,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = output_dir(args)
     status: dict = {}
+    restore_sigterm = catch_sigterm()
     try:
         setup_logging(None)  # stderr only: the folder may be another run's until the lock is ours
         lock = lock_run_folder(out, bool(args.experiment_dir_name)) if rank == 0 else None
@@ -561,14 +627,19 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if lock is not None:
                 lock.release()
-    except KeyboardInterrupt:
-        log.error("%s", interrupted(args, argv, out, status))
-        return 130
+    except KeyboardInterrupt as exc:  # exit status 128 + the signal's number: 130 (SIGINT), 143 (SIGTERM)
+        term = isinstance(exc, Terminated)
+        log.error("%s", interrupted(args, argv, out, status, "interrupted (SIGTERM)" if term else "interrupted"))
+        return 128 + (signal.SIGTERM if term else signal.SIGINT)
+    except DiskFullError as exc:  # the last finished epoch's checkpoint is intact
+        log.error("error: %s; %s", exc, interrupted(args, argv, out, status, "stopped"))
+        return 1
     except (DataError, CheckpointError, RunLockedError, NonFiniteError, OSError, ValueError,
             DownloadError) as exc:  # UndefinedMetricError is a ValueError
         log.error("error: %s", one_line(exc))
         return 1
     finally:
+        restore_sigterm()
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
     return 0

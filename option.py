@@ -284,8 +284,10 @@ def merge_nni_parameters(args: argparse.Namespace, params: Mapping[str, object])
         if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
             kind = bool
         if kind is int:
-            if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
-                raise ValueError(f"NNI parameter {name!r} must be an integer, got {value!r} (use 'choice' in the search space)")
+            if isinstance(value, bool) or not (isinstance(value, int)
+                                               or (isinstance(value, float) and value.is_integer())):
+                raise ValueError(f"NNI parameter {name!r} must be an integer, got {value!r} "
+                                 f"(use 'choice' in the search space)")
             value = int(value)
         elif kind is float:
             if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,6 @@ from demo_data import (
     theme_score,
 )
 from flickr_aes import IMAGE_FOLDER, MEAN_SCORES_TXT, RATINGS_CSV
-from safe_io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +44,6 @@ TEST_WORKERS_FILE = "test_workers.txt"
 TASTES_FILE = "worker_tastes.csv"
 GENERATOR_VERSION = 1  # bump when the files a given seed produces change
 RATERS_PER_IMAGE = 5
-_MANIFEST = "manifest.json"
 _NOISE = 0.07
 _STRETCH = 1.6  # spreads the ratings over the scale (a mean of two terms in 0..1 bunches near the middle)
 _COLOUR_THEMES = ("architecture", "flower")
@@ -77,8 +75,8 @@ def _worker_ids(rng: np.random.Generator, n: int) -> list[str]:
     return ids
 
 
-def _generate(root: Path, p: dict) -> dict[str, int]:
-    """Write the files under root; return {relative path: size in bytes}."""
+def _generate(p: dict) -> Iterator[tuple[str, bytes]]:
+    """The files of the data set, one (relative path, bytes) at a time: the images, then the lists."""
     rng = np.random.default_rng(p["seed"])
     workers = _worker_ids(rng, p["n_workers"])
     test_workers, training_workers = workers[:p["n_test_workers"]], workers[p["n_test_workers"]:]
@@ -100,8 +98,6 @@ def _generate(root: Path, p: dict) -> dict[str, int]:
     themes = [THEMES[i] for i in rng.permutation(np.arange(len(raters)) % len(THEMES))]
 
     photos = sample_photos()
-    files: dict[str, int] = {}
-    (root / IMAGE_FOLDER).mkdir(parents=True, exist_ok=True)
     ratings: list[tuple[str, str, int]] = []
     means: list[tuple[str, float]] = []
     for i, (theme, who) in enumerate(zip(themes, raters)):
@@ -110,8 +106,7 @@ def _generate(root: Path, p: dict) -> dict[str, int]:
         data, score = render_image(photos[source], theme, params, np.random.default_rng(rng.integers(2 ** 63)),
                                    p["size"])
         name = f"farm{1 + i % 9}_{i:05d}_{rng.integers(16 ** 8):08x}_b.jpg"
-        (root / IMAGE_FOLDER / name).write_bytes(data)  # the manifest, written last, vouches for the files
-        files[f"{IMAGE_FOLDER}/{name}"] = len(data)
+        yield f"{IMAGE_FOLDER}/{name}", data
         quality = (theme_score(theme, **params) - 1.0) / 9.0
         given = []
         for worker in who:
@@ -121,29 +116,16 @@ def _generate(root: Path, p: dict) -> dict[str, int]:
         means.append((name, float(np.mean(given))))
 
     ratings.sort(key=lambda r: (r[0], r[1]))
-    files[RATINGS_CSV] = _write_text(root / RATINGS_CSV, "worker, imagePair, score\n" + "".join(
-        f"{w}, {name}, {score}\n" for w, name, score in ratings))
-    files[MEAN_SCORES_TXT] = _write_text(root / MEAN_SCORES_TXT, "".join(f"{name} {m:.1f}\n" for name, m in means))
-    files[TEST_WORKERS_FILE] = _write_text(root / TEST_WORKERS_FILE, "".join(f"{w}\n" for w in test_workers))
-    files[TASTES_FILE] = _write_text(root / TASTES_FILE, "worker,test_worker,taste,weight\n" + "".join(
+    yield RATINGS_CSV, _utf8("worker, imagePair, score\n"
+                             + "".join(f"{w}, {name}, {score}\n" for w, name, score in ratings))
+    yield MEAN_SCORES_TXT, _utf8("".join(f"{name} {m:.1f}\n" for name, m in means))
+    yield TEST_WORKERS_FILE, _utf8("".join(f"{w}\n" for w in test_workers))
+    yield TASTES_FILE, _utf8("worker,test_worker,taste,weight\n" + "".join(
         f"{w},{int(w in test_workers)},{tastes[w]},{weights[w]:.3f}\n" for w in workers))
-    return files
 
 
-def _write_text(path: Path, text: str) -> int:
-    data = text.encode("utf-8")
-    with atomic_write(path, "wb") as f:
-        f.write(data)
-    return len(data)
-
-
-def _remove_generated(root: Path) -> None:
-    """Delete what an earlier generation may have left (only our own file names)."""
-    (root / _MANIFEST).unlink(missing_ok=True)
-    for name in (RATINGS_CSV, MEAN_SCORES_TXT, TEST_WORKERS_FILE, TASTES_FILE):
-        (root / name).unlink(missing_ok=True)
-    for path in root.glob(f"{IMAGE_FOLDER}/farm*_b.jpg"):
-        path.unlink(missing_ok=True)
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8")
 
 
 def personal_parameters(n_generic: int, n_workers: int, n_test_workers: int, test_worker_images: tuple[int, int],
@@ -176,4 +158,4 @@ def ensure_personal_dataset(root: str | os.PathLike | None = None, *, n_generic:
     params = personal_parameters(n_generic, n_workers, n_test_workers, test_worker_images, seed, size)
     return ensure_generated(Path(root) if root is not None else DEFAULT_ROOT, params, "personal_data.py",
                             f"the personalized demo data set ({n_workers} workers, {n_test_workers} of them test "
-                            f"workers)", remove=_remove_generated, generate=lambda folder: _generate(folder, params))
+                            f"workers)", generate=lambda: _generate(params))

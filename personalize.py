@@ -37,7 +37,7 @@ from console import progress as progress_bar
 from dataset import collate_skip_none
 from engine import autocast, evaluation_model, make_loader, prepare_images
 from flickr_aes import RatedImageDataset, WorkerSplit, to_1_10
-from safe_io import atomic_save_json, atomic_torch_save, atomic_write, safe_torch_load
+from safe_io import atomic_save_json, atomic_torch_save, atomic_write, csv_text_cell, json_text, safe_torch_load
 from util import srcc
 
 FINETUNE_PARTS = {"heads": ("aesthetics", "fusion"), "fusion": ("fusion",)}
@@ -70,8 +70,10 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.parts not in FINETUNE_PARTS:
             raise ValueError(f"--finetune must be one of {', '.join(FINETUNE_PARTS)}, got {self.parts!r}")
-        if not (self.lr >= 0 and math.isfinite(self.lr)) or not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
-            raise ValueError(f"--ft_lr and --ft_weight_decay must be finite and >= 0, got {self.lr}, {self.weight_decay}")
+        if (not (self.lr >= 0 and math.isfinite(self.lr))
+                or not (self.weight_decay >= 0 and math.isfinite(self.weight_decay))):
+            raise ValueError(f"--ft_lr and --ft_weight_decay must be finite and >= 0, "
+                             f"got {self.lr}, {self.weight_decay}")
         if self.epochs < 0 or self.batch_size < 0:
             raise ValueError(f"--ft_epochs and --ft_batch_size must be >= 0, got {self.epochs}, {self.batch_size}")
 
@@ -242,7 +244,36 @@ def evaluate_worker(worker: str, table: pd.DataFrame, features: Features, generi
 # --------------------------------------------------------------------------- the run folder
 
 def _json_text(value: Any) -> str:
-    return json.dumps(value, sort_keys=True)
+    return json_text(value, sort_keys=True)
+
+
+def images_record(folder: str | os.PathLike, names: Sequence[str]) -> dict[str, Any]:
+    """What the frozen features are computed from, for ``run.json``: the images' folder (absolute) and
+    a digest of every image's name, size and modification time (a missing one counts as size -1)."""
+    folder = Path(folder).resolve()
+    h = hashlib.sha256()
+    for name in sorted(names):
+        try:
+            st = (folder / name).stat()
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:
+            size, mtime = -1, 0
+        h.update(f"{name}\0{size}\0{mtime}\n".encode("utf-8", "surrogateescape"))
+    return {"folder": str(folder), "count": len(names), "sizes_and_mtimes_sha256": h.hexdigest()}
+
+
+def _other_images(out: Path, old: Any, new: Any) -> str:
+    """The one-line refusal of a run folder whose features came from other images."""
+    old, new = (v if isinstance(v, dict) else {} for v in (old, new))
+    if old.get("folder") != new.get("folder"):
+        what = f"from {old.get('folder', 'an unrecorded folder')}, not {new.get('folder')}"
+    elif old.get("count") != new.get("count"):
+        what = f"from {old.get('count')} images, not {new.get('count')}"
+    else:
+        what = f"whose sizes or modification times have changed since (in {new.get('folder')})"
+    return (f"--out {out} holds a run whose features were computed from other images ({what}); its table would "
+            f"be stale: start fresh with another --out (or delete {RUN_FILE}, {FEATURES_FILE} and {WORKERS_DIR}/ "
+            f"in it)")
 
 
 class ResultStore:
@@ -263,6 +294,8 @@ class ResultStore:
                 raise ProtocolError(f"{run} is not a run file of this protocol; choose another --out") from None
             if old != self.settings:
                 changed = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
+                if "images" in changed:
+                    raise ProtocolError(_other_images(self.out, old.get("images"), self.settings.get("images")))
                 raise ProtocolError(f"--out {self.out} holds a run with other settings ({', '.join(changed)} differ): "
                                     f"rerun it with the same options to resume it, or choose another --out")
         else:
@@ -285,7 +318,13 @@ class ResultStore:
         except (OSError, ValueError) as exc:
             raise ProtocolError(f"{self._path(worker)} cannot be read ({exc}); delete it to redo worker "
                                 f"{worker!r}") from None
-        return record if isinstance(record, dict) and record.get("worker") == worker else None
+        if not (isinstance(record, dict) and record.get("worker") == worker):
+            return None
+        for entry in record.get("shots", {}).values():  # strict JSON holds an undefined SRCC as null
+            for draw in entry.get("draws", []):
+                for key in ("generic_srcc", "finetuned_srcc"):
+                    draw[key] = math.nan if draw.get(key) is None else draw[key]
+        return record
 
     def record(self, result: Mapping[str, Any]) -> None:
         atomic_save_json(dict(result), self._path(result["worker"]))
@@ -333,7 +372,8 @@ def _mean_std(values: Sequence[float]) -> dict[str, Any]:
 def summarize(records: Sequence[Mapping[str, Any]], protocol: Protocol) -> dict[str, Any]:
     """Per k: for each repeat the mean SRCC over the workers (generic, fine-tuned, and their difference),
     then their mean and standard deviation (numpy's, over the R repeats). A worker whose SRCC is undefined
-    in a draw (all its predicted images rated alike) is left out of that draw's mean and counted."""
+    in a draw (all its predicted images rated alike) is left out of that draw's mean and counted; ``workers``
+    counts those in at least one draw's mean, ``undefined_workers`` lists the others."""
     table: dict[str, Any] = {}
     for k in map(str, protocol.shots):
         used = [rec for rec in records if "draws" in rec["shots"][k]]
@@ -343,16 +383,19 @@ def summarize(records: Sequence[Mapping[str, Any]], protocol: Protocol) -> dict[
             continue
         columns: dict[str, list[float]] = {"generic": [], "finetuned": [], "gain": []}
         undefined = 0
+        counted: set[str] = set()
         for r in range(protocol.repeats):
-            pairs = [(rec["shots"][k]["draws"][r]["generic_srcc"], rec["shots"][k]["draws"][r]["finetuned_srcc"])
-                     for rec in used]
-            ok = [(g, f) for g, f in pairs if math.isfinite(g) and math.isfinite(f)]
+            pairs = [(rec["worker"], rec["shots"][k]["draws"][r]["generic_srcc"],
+                      rec["shots"][k]["draws"][r]["finetuned_srcc"]) for rec in used]
+            ok = [(w, g, f) for w, g, f in pairs if math.isfinite(g) and math.isfinite(f)]
             undefined += len(pairs) - len(ok)
-            g, f = (np.array([p[i] for p in ok]) for i in (0, 1))
+            counted.update(w for w, _, _ in ok)
+            g, f = (np.array([p[i] for p in ok]) for i in (1, 2))
             columns["generic"].append(float(g.mean()) if ok else math.nan)
             columns["finetuned"].append(float(f.mean()) if ok else math.nan)
             columns["gain"].append(float((f - g).mean()) if ok else math.nan)
-        table[k] = {"workers": len(used), "skipped_workers": skipped, "undefined_srcc_draws": undefined,
+        table[k] = {"workers": len(counted), "skipped_workers": skipped, "undefined_srcc_draws": undefined,
+                    "undefined_workers": [rec["worker"] for rec in used if rec["worker"] not in counted],
                     **{name: _mean_std(values) for name, values in columns.items()}}
     return table
 
@@ -363,6 +406,12 @@ def _cell(stats: Mapping[str, Any] | None, signed: bool = False) -> str:
     return f"{stats['mean']:{'+' if signed else ''}.3f} ± {stats['std']:.3f}"
 
 
+def _workers_cell(row: Mapping[str, Any]) -> str:
+    """The workers in the means, and of how many when some had an undefined SRCC in every draw."""
+    left_out = len(row.get("undefined_workers") or [])
+    return f"{row['workers']} of {row['workers'] + left_out}" if left_out else str(row["workers"])
+
+
 def markdown_table(table: Mapping[str, Any], protocol: Protocol, about: Mapping[str, Any]) -> str:
     """The table in the paper's layout (one column per k, mean ± std over the repeats), with what it is."""
     ks = [str(k) for k in protocol.shots]
@@ -371,7 +420,12 @@ def markdown_table(table: Mapping[str, Any], protocol: Protocol, about: Mapping[
              ("TANet, fine-tuned per worker", "finetuned", False), ("gain", "gain", True)]
     body = "".join("| " + label + " | " + " | ".join(_cell(table[k].get(key), signed) for k in ks) + " |\n"
                    for label, key, signed in lines)
-    body += "| test workers | " + " | ".join(str(table[k]["workers"]) for k in ks) + " |\n"
+    body += "| test workers | " + " | ".join(_workers_cell(table[k]) for k in ks) + " |\n"
+    for k in ks:
+        left_out = table[k].get("undefined_workers") or []
+        if left_out:
+            body += (f"\nk = {k}: {len(left_out)} test workers ({', '.join(left_out)}) had an undefined SRCC in every "
+                     f"draw (all their predicted images rated alike) and are in no mean.\n")
     r = protocol.recipe
     return (f"# Personalized aesthetics on {about['data']} (the paper's Table 4)\n\n"
             f"SRCC between each test worker's own ratings and the predictions on the worker's images that were "
@@ -387,7 +441,8 @@ def markdown_table(table: Mapping[str, Any], protocol: Protocol, about: Mapping[
 def write_outputs(out: str | os.PathLike, records: Sequence[Mapping[str, Any]], protocol: Protocol,
                   about: Mapping[str, Any]) -> dict[str, Any]:
     """``personalized.json`` (table, per-repeat means, protocol, recipe, data), ``personalized.md`` and
-    ``personalized_workers.csv`` (one row per worker, k and repeat), each written atomically."""
+    ``personalized_workers.csv`` (one row per worker, k and repeat; worker ids safe in a spreadsheet,
+    ``safe_io.csv_text_cell``), each written atomically."""
     out = Path(out)
     table = summarize(records, protocol)
     result = {"table": table, "protocol": {**asdict(protocol), "shots": list(protocol.shots)}, **about}
@@ -396,10 +451,11 @@ def write_outputs(out: str | os.PathLike, records: Sequence[Mapping[str, Any]], 
         f.write(markdown_table(table, protocol, about))
     with atomic_write(out / RESULTS_CSV, "w") as f:
         writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["worker", "n_images", "shots", "repeat", "n_train", "n_test", "generic_srcc", "finetuned_srcc"])
+        writer.writerow(["worker", "n_images", "shots", "repeat", "n_train", "n_test", "generic_srcc",
+                         "finetuned_srcc"])
         for rec in records:
             for k, entry in rec["shots"].items():
                 for d in entry.get("draws", []):
-                    writer.writerow([rec["worker"], rec["n_images"], k, d["repeat"], d["n_train"], d["n_test"],
-                                     repr(d["generic_srcc"]), repr(d["finetuned_srcc"])])
+                    writer.writerow([csv_text_cell(str(rec["worker"])), rec["n_images"], k, d["repeat"],
+                                     d["n_train"], d["n_test"], repr(d["generic_srcc"]), repr(d["finetuned_srcc"])])
     return result

@@ -1,5 +1,6 @@
 """Files that are never left half-written and never run code: atomic writes, the clean-up of an
-interrupted write's temp files, weights-only checkpoint loading, file digests.
+interrupted write's temp files, weights-only checkpoint loading, file digests, CSV cells safe in a
+spreadsheet.
 
 A bottom-layer helper: it imports nothing of ours.
 """
@@ -7,26 +8,28 @@ A bottom-layer helper: it imports nothing of ours.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
+import math
 import os
 import pathlib
 import pickletools
 import re
+import shutil
 import uuid
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Any
-
-import torch
 
 PathLike = str | os.PathLike
 
 __all__ = [
-    "atomic_write", "atomic_save_json", "atomic_torch_save", "remove_stale_temp_files",
-    "CheckpointError", "UnsafeCheckpointError", "safe_torch_load", "sha256_file",
+    "atomic_write", "atomic_save_json", "json_text", "atomic_torch_save", "DiskFullError", "disk_full_error",
+    "remove_stale_temp_files",
+    "CheckpointError", "UnsafeCheckpointError", "safe_torch_load", "sha256_file", "csv_text_cell", "csv_text_value",
 ]
 
 
@@ -35,11 +38,12 @@ def _temp_path_beside(path: pathlib.Path, suffix: str) -> pathlib.Path:
 
 
 @contextlib.contextmanager
-def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
+def atomic_write(path: PathLike, mode: str = "wb", *, sync: bool = True) -> Iterator[IO[Any]]:
     """Yield a file on a temp file beside `path`; on success fsync + rename onto `path`.
 
     If the body raises, the temp file is removed and `path` is left untouched.
-    Creates the parent folder if needed. `mode` is "wb" or "w" (UTF-8 text).
+    Creates the parent folder if needed. `mode` is "wb" or "w" (UTF-8 text). ``sync=False`` skips the
+    fsyncs: a killed process still leaves the old file or the new one, a power loss may not.
     """
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_write: mode must be 'wb' or 'w', got {mode!r}")
@@ -52,12 +56,15 @@ def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    if not sync:
+        return
     with contextlib.suppress(OSError):  # make the rename durable; not possible everywhere
         dir_fd = os.open(target.parent, os.O_RDONLY)
         try:
@@ -66,17 +73,96 @@ def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
             os.close(dir_fd)
 
 
+def _finite_or_none(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any, *, indent: int | None = None, sort_keys: bool = False, ensure_ascii: bool = True,
+              default: Callable[[Any], Any] | None = None) -> str:
+    """`obj` as strict JSON (RFC 8259, which has no NaN or Infinity): a non-finite float is written as
+    null (an undefined value: whoever records one says why beside it); what JSON cannot hold, a TypeError
+    (or what ``default`` makes of it, as for json.dumps)."""
+    return json.dumps(_finite_or_none(obj), indent=indent, sort_keys=sort_keys, ensure_ascii=ensure_ascii,
+                      allow_nan=False, default=default)
+
+
+class DiskFullError(OSError):
+    """An atomic write that found no space left on its device (ENOSPC, EDQUOT): the message, one line,
+    names the file, its folder, the space it needs and the space free there."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def _disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or one it was raised while handling, says the disk is full (torch.save reports a
+    full disk as "unexpected pos", raised while handling the OSError)."""
+    for _ in range(8):
+        if exc is None:
+            return False
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__context__
+    return False
+
+
+def disk_full_error(path: PathLike, needed: int) -> DiskFullError:
+    """The DiskFullError of writing ``needed`` bytes to ``path``."""
+    target = pathlib.Path(path)
+    try:
+        free = f", {shutil.disk_usage(target.parent).free / 1e6:.1f} MB free"
+    except OSError:
+        free = ""
+    return DiskFullError(errno.ENOSPC, f"no space left on the device of {target.parent}: {target.name} needs "
+                                       f"{needed / 1e6:.1f} MB{free}")
+
+
+class _ByteCounter:
+    """A write-only file that counts the bytes written to it."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        n = memoryview(data).nbytes
+        self.size += n
+        return n
+
+    def flush(self) -> None:
+        pass
+
+
 def atomic_save_json(obj: Any, path: PathLike) -> None:
-    """Write `obj` as indented JSON (NaN allowed), atomically."""
-    with atomic_write(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
+    """Write `obj` as indented strict JSON (``json_text``: NaN as null), atomically; DiskFullError on a full disk."""
+    text = json_text(obj, indent=2) + "\n"
+    try:
+        with atomic_write(path, "w") as f:
+            f.write(text)
+    except OSError as exc:
+        if not _disk_full(exc):
+            raise
+        raise disk_full_error(path, len(text.encode("utf-8"))) from None
 
 
 def atomic_torch_save(obj: Any, path: PathLike) -> None:
-    """torch.save `obj` to `path`, atomically."""
-    with atomic_write(path, "wb") as f:
-        torch.save(obj, f)
+    """torch.save `obj` to `path`, atomically; DiskFullError on a full disk."""
+    import torch  # here, not above: the atomic writes serve torch-free scoring too
+
+    try:
+        with atomic_write(path, "wb") as f:
+            torch.save(obj, f)
+    except (OSError, RuntimeError) as exc:
+        if not _disk_full(exc):
+            raise
+        counter = _ByteCounter()
+        torch.save(obj, counter)
+        raise disk_full_error(path, counter.size) from None
 
 
 _TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")  # what _temp_path_beside makes
@@ -192,6 +278,8 @@ def safe_torch_load(path: PathLike, *, allow_unsafe: bool = False, map_location:
         raise CheckpointError(f"checkpoint {p} is not a file")
     if p.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {p} is empty (0 bytes)")
+    import torch
+
     try:
         return torch.load(p, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
@@ -221,3 +309,22 @@ def sha256_file(path: PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- CSV cells
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text_cell(text: str) -> str:
+    """A text cell (a file name, a path, a theme, an error) safe to open in a spreadsheet: one starting
+    with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return (a formula there, as OWASP describes
+    CSV injection) gets a leading ``'``, and so does one that already starts with ``'``, so that
+    ``csv_text_value`` gives the text back exactly. For text cells only: a number such as ``-0.5``
+    would become text."""
+    return "'" + text if text.startswith(_FORMULA_START + ("'",)) else text
+
+
+def csv_text_value(cell: str) -> str:
+    """The text that ``csv_text_cell`` wrote as ``cell``."""
+    return cell[1:] if cell.startswith("'") else cell

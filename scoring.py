@@ -10,31 +10,48 @@ import csv
 import io
 import math
 import os
+import sys
 import warnings
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
-import torch
 from PIL import Image
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
 
 from console import progress as progress_bar
 from images import IMAGE_FORMATS, DataError, EvalTransform, link_leaves_folder, load_image, to_rgb
-from engine import autocast, evaluation_model, fuses_conv, to_device
-from models import VARIANTS, TANet, load_tanet, resolve_weights
-from presets import INPUT_SHAPE, INPUT_SIZE, NUM_BINS, RELEASED, VARIANT_PRESETS, scores_1_to_10
+from onnx_model import ExportError, OnnxModel, is_onnx_file
+from presets import INPUT_SHAPE, INPUT_SIZE, RELEASED, VARIANT_PRESETS, scores_1_to_10
 from runtime import AMP_MODES, resolve_amp, resolve_device
-from safe_io import CheckpointError, atomic_save_json, atomic_write
+from result_files import (  # noqa: F401 - the results' part of this module's API
+    OUTPUT_FORMATS,
+    SORT_ORDERS,
+    ScoreResult,
+    ScoringError,
+    check_output_path,
+    output_columns,
+    printable_name,
+    rank_results,
+    shard_of,
+    result_rows,
+    write_csv_rows,
+    write_results,
+)
+from safe_io import CheckpointError
 from util import distribution_std
+
+if TYPE_CHECKING:  # torch, engine and models are imported where a PyTorch model is scored: an .onnx needs none
+    import torch
+    from torch import Tensor
+
+    from models import TANet
 
 ImageSource = Union[str, os.PathLike, Image.Image, "RefusedImage"]
 LIST_SUFFIXES = (".txt", ".csv")
-OUTPUT_FORMATS = (".csv", ".json")
-SORT_ORDERS = ("none", "desc", "asc")
 
 NO_WEIGHTS_HELP = (
     "no TANet weights given: pass --path_to_model_weight with a checkpoint, either a released one "
@@ -47,28 +64,8 @@ BATCH_FUSION_WARNING = (
 )
 
 
-class ScoringError(ValueError):
-    """Bad input to the scorer: weights, variant, option or image list (the message names it)."""
-
-
 class ScoringWarning(UserWarning):
     """Something the user should know about a scoring run (batch-coupled scores, an empty folder)."""
-
-
-@dataclass(frozen=True)
-class ScoreResult:
-    """One image's result: ``score`` on 1..10 (None if it failed); for ava also the ``std`` and
-    the ten-bin ``distribution`` over the scores 1..10; ``error`` says why it failed (None if fine)."""
-
-    image: str
-    score: float | None = None
-    std: float | None = None
-    distribution: tuple[float, ...] | None = None
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
 
 
 # --------------------------------------------------------------------------- finding images
@@ -187,10 +184,13 @@ def collect_images(
     path_to_images: str | os.PathLike | None = None,
     follow_symlinks: bool = False,
     skipped: list[tuple[str, str]] | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> list[str | RefusedImage]:
     """Expand command-line paths into image paths, in order: a folder gives its images (``scan_folder``),
     a ``.txt`` or ``.csv`` file the images it lists (relative to ``path_to_images`` if given, else to
-    the list's folder), anything else is taken as an image (a missing one fails when scored)."""
+    the list's folder), anything else is taken as an image (a missing one fails when scored).
+    ``shard`` (I, N): only the images of shard I of N (``result_files.shard_of`` of the path relative to
+    its folder or list's base; an image given alone by its path as given)."""
     images: list[str | RefusedImage] = []
     for raw in paths:
         path = Path(raw)
@@ -199,21 +199,28 @@ def collect_images(
             if not found:
                 hint = "" if recursive else " (add --recursive to look in subfolders)"
                 warnings.warn(f"folder {path} holds no image files{hint}", ScoringWarning, stacklevel=2)
-            images += found
+            root: str | None = str(path)
         elif path.suffix.lower() in LIST_SUFFIXES:
             if not path.is_file():
                 raise ScoringError(f"image list {path} not found")
             reader = images_in_csv_list if path.suffix.lower() == ".csv" else images_in_text_list
-            images += reader(path, base=path_to_images)
+            found = reader(path, base=path_to_images)
+            root = str(path_to_images if path_to_images is not None else path.parent)
         else:
-            images.append(str(raw))
+            found, root = [str(raw)], None
+        if shard is not None:
+            index, count = shard
+            found = [image for image in found if shard_of(
+                str(image) if root is None else os.path.relpath(str(image), root), count) == index]
+        images += found
     return images
 
 
 # --------------------------------------------------------------------------- loading images
 
-class _ImageSources(Dataset):
-    """Paths or PIL images -> (index, normalised tensor or None, error or None)."""
+class _ImageSources:
+    """Paths or PIL images -> (index, normalised tensor or array or None, error or None); a DataLoader's
+    dataset, or read in threads for an ONNX model (``_read_batches``)."""
 
     def __init__(self, sources: Sequence[ImageSource], transform: Any, draft: tuple[int, int] | None = None) -> None:
         self.sources = sources
@@ -223,7 +230,7 @@ class _ImageSources(Dataset):
     def __len__(self) -> int:
         return len(self.sources)
 
-    def __getitem__(self, index: int) -> tuple[int, Tensor | None, str | None]:
+    def __getitem__(self, index: int) -> tuple[int, Tensor | np.ndarray | None, str | None]:
         source = self.sources[index]
         if isinstance(source, RefusedImage):
             return index, None, source.reason
@@ -236,14 +243,43 @@ class _ImageSources(Dataset):
             return index, None, f"image {_name(source, index)} could not be prepared: {type(exc).__name__}: {exc}"
 
 
-def _collate(items: list[tuple[int, Tensor | None, str | None]]) -> dict[str, Any]:
+def _collate(items: list[tuple[int, Tensor | np.ndarray | None, str | None]]) -> dict[str, Any]:
     good = [(i, t) for i, t, _ in items if t is not None]
     return {
         "index": [i for i, _, _ in items],
         "errors": {i: e for i, _, e in items if e is not None},
         "good": [i for i, _ in good],
-        "images": torch.stack([t for _, t in good]) if good else None,
+        "images": _stack([t for _, t in good]) if good else None,
     }
+
+
+def _stack(images: list[Tensor] | list[np.ndarray]) -> Tensor | np.ndarray:
+    """A batch of numpy arrays (an ONNX model's) or of tensors, stacked as what they are."""
+    if isinstance(images[0], np.ndarray):
+        return np.stack(images)
+    import torch
+
+    return torch.stack(images)
+
+
+def _read_batches(dataset: _ImageSources, batch_size: int, workers: int) -> Iterator[dict[str, Any]]:
+    """``_collate``d batches of ``dataset`` in order, without torch: read by ``workers`` threads (Pillow
+    decodes and resizes without holding the GIL), at most ``workers`` batches ahead of the model."""
+    def batch(start: int) -> dict[str, Any]:
+        return _collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+
+    starts = range(0, len(dataset), batch_size)
+    if workers == 0:
+        yield from map(batch, starts)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+        ahead: deque[Future[dict[str, Any]]] = deque()
+        for start in starts:
+            ahead.append(pool.submit(batch, start))
+            if len(ahead) > workers:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
 
 
 def _name(source: Any, index: int) -> str:
@@ -265,8 +301,12 @@ class Scorer:
     ``theme_fusion="isolated"`` scores every image alone (independent of batch and order);
     ``"batch"`` is the reference's batch-coupled scoring. ``fast`` (the default) scores with an
     inference copy whose BatchNorm is folded into the convolutions and whose convolutions run fused
-    with their activations, channels-last; ``amp="auto"``: bfloat16 where the device has it (scores
-    within the tolerance the tests hold). ``draft``: decode JPEGs at a reduced size (faster; other pixels).
+    with their activations, channels-last. ``amp="none"`` (the default) scores in float32, so a
+    photo's score does not depend on the CPU; ``"bf16"`` or ``"auto"`` (bf16 where the device has
+    it) are faster and move scores by up to about 0.06 on the 1..10 scale. The fusion head and the
+    score always run in float32. ``draft``: decode JPEGs at a reduced size (faster; other pixels).
+    An ``.onnx`` export (``tools/export.py``) scores in onnxruntime on the CPU in float32, without torch
+    (``requirements-score.txt`` is enough), with ``threads`` CPU threads (default: the usable cores).
     """
 
     def __init__(
@@ -277,32 +317,36 @@ class Scorer:
         device: str = "auto",
         theme_fusion: str = "isolated",
         batch_size: int = 32,
-        amp: str = "auto",
+        amp: str = "none",
         fast: bool = True,
         draft: bool = False,
         num_workers: int = 0,
         allow_unsafe_load: bool = False,
         checkpoints_dir: str | os.PathLike | None = None,
         download: bool = False,
+        threads: int | None = None,
     ) -> None:
         if weights is None or str(weights) == "":
             raise ScoringError(NO_WEIGHTS_HELP)
-        if variant is not None and variant not in VARIANTS:
-            raise ScoringError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
+        if variant is not None and variant not in VARIANT_PRESETS:
+            raise ScoringError(f"unknown variant {variant!r}; expected one of {sorted(VARIANT_PRESETS)}")
+        if is_onnx_file(weights):  # onnxruntime, numpy and Pillow only: torch is never imported
+            self._setup_onnx(Path(weights), variant, device, theme_fusion, batch_size, num_workers, draft, threads)
+            return
+        from models import TANet, load_tanet, resolve_weights
+
         target = resolve_device(device)
         amp = _resolve_amp(amp, target)
         _check_options(target, theme_fusion, batch_size, amp, num_workers)  # before the slow part
         path = resolve_weights(weights, directory=checkpoints_dir, download_missing=download)
-        if path.suffix.lower() == ".onnx":
-            self._setup_onnx(path, variant, target, theme_fusion, batch_size, num_workers, draft)
-            return
         try:
             # isolated scores never run the theme ResNet and its heads: they are not built or loaded
             model, _ = load_tanet(path, variant=variant, theme_fusion=theme_fusion, allow_unsafe=allow_unsafe_load,
                                   theme_network=theme_fusion == "batch", model_class=TANet)
         except CheckpointError as exc:
             raise ScoringError(str(exc)) from None
-        self._setup(model.to(target), target, theme_fusion, batch_size, amp, num_workers, fast, draft)
+        # its own model: in scoring mode for good, so that threads sharing this scorer never switch it
+        self._setup(model.to(target).eval(), target, theme_fusion, batch_size, amp, num_workers, fast, draft)
         self.checkpoint: Path | None = path
 
     @classmethod
@@ -321,6 +365,10 @@ class Scorer:
         """A scorer for an in-memory TANet. It is used where it is (``device`` None) or moved to
         ``device``; its eval/train mode and ``theme_fusion`` are set only while scoring. With ``fast``,
         an inference copy of it as it is now scores (later changes to the model are not seen)."""
+        import torch
+
+        from models import TANet
+
         if not isinstance(model, TANet):
             raise TypeError(f"Scorer.from_model needs a TANet, got {type(model).__name__}")
         self = cls.__new__(cls)
@@ -347,6 +395,8 @@ class Scorer:
         self.transform = EvalTransform(VARIANT_PRESETS[model.variant].transform)
         self.draft = (INPUT_SIZE, INPUT_SIZE) if draft else None
         if self.fast:  # the inference copy of --fold_bn --fuse_conv --channels_last, in this scorer's fusion
+            from engine import evaluation_model
+
             model.theme_fusion = theme_fusion
             self._net = evaluation_model(model, device, fold_bn=True, fuse_conv=True, amp=amp, channels_last=True)
         else:
@@ -354,32 +404,33 @@ class Scorer:
         if theme_fusion == "batch":
             warnings.warn(BATCH_FUSION_WARNING, ScoringWarning, stacklevel=3)
 
-    def _setup_onnx(self, path: Path, variant: str | None, device: torch.device, theme_fusion: str,
-                    batch_size: int, num_workers: int, draft: bool) -> None:
-        """Score with an ONNX export (tools/export.py) in onnxruntime, on the CPU."""
-        from export import ExportError, OnnxModel  # the optional extra
-
+    def _setup_onnx(self, path: Path, variant: str | None, device: Any, theme_fusion: str,
+                    batch_size: int, num_workers: int, draft: bool, threads: int | None) -> None:
+        """Score with an ONNX export (tools/export.py) in onnxruntime, on the CPU, without torch."""
         if theme_fusion != "isolated":
             raise ScoringError(f"{path} is an ONNX export: it scores with isolated theme fusion only")
-        if device.type != "cpu":
+        if str(device).strip().lower() not in ("auto", "cpu"):
             raise ScoringError(f"{path} is an ONNX export: it runs on the CPU (--device cpu)")
+        _check_options(None, theme_fusion, batch_size, "none", num_workers)
         try:
-            model = OnnxModel(path)
+            model = OnnxModel(path, threads=threads)
         except ExportError as exc:
             raise ScoringError(str(exc)) from None
         if variant is not None and variant != model.variant:
             raise ScoringError(f"{path} is a {model.variant!r} model, but variant {variant!r} was asked for; drop "
                                f"--variant (it is read from the file) or pick the right file")
-        self._setup(model, device, theme_fusion, batch_size, "none", num_workers, False, draft)
+        self._setup(model, model.device, theme_fusion, batch_size, "none", num_workers, False, draft)
         self.checkpoint = path
 
     @property
     def path(self) -> str:
         """How this scorer computes: theme fusion, model path, precision, decoding."""
         parts = [f"{self.theme_fusion} theme fusion"]
-        if not isinstance(self.model, torch.nn.Module):
+        if isinstance(self.model, OnnxModel):
             parts.append("onnxruntime")
         if self.fast:
+            from engine import fuses_conv
+
             fused = fuses_conv(True, self.device, self.amp)
             parts.append("folded BatchNorm" + (", fused convolutions" if fused else "") + ", channels-last")
         parts.append("float32" if self.amp == "none" else self.amp)
@@ -393,7 +444,8 @@ class Scorer:
     def __repr__(self) -> str:
         source = f"checkpoint={str(self.checkpoint)!r}" if self.checkpoint else "in-memory model"
         return (f"Scorer({source}, variant={self.variant!r}, device={str(self.device)!r}, "
-                f"theme_fusion={self.theme_fusion!r}, batch_size={self.batch_size}, amp={self.amp!r}, fast={self.fast})")
+                f"theme_fusion={self.theme_fusion!r}, batch_size={self.batch_size}, amp={self.amp!r}, "
+                f"fast={self.fast})")
 
     # ---- public scoring
 
@@ -410,7 +462,7 @@ class Scorer:
 
     def score_detailed(self, x: Any) -> list[ScoreResult]:
         """One ScoreResult per image, in input order; bad images carry an ``error`` and no score."""
-        if isinstance(x, Tensor):
+        if _is_tensor(x):
             return list(self._tensor_results(x))
         sources = [x] if _is_single(x) else _check_sources(x)
         return list(self.iter_results(sources))
@@ -420,13 +472,19 @@ class Scorer:
         batch (``num_workers`` loader processes) and dropped once scored."""
         if not sources:
             return
-        dataset = _ImageSources(sources, self.transform, self.draft)
+        onnx = isinstance(self._net, OnnxModel)
+        dataset = _ImageSources(sources, self.transform.array if onnx else self.transform, self.draft)
         batches = math.ceil(len(sources) / self.batch_size)
         workers = min(self.num_workers, batches - 1)  # one batch: nothing to overlap its decoding with
-        loader = DataLoader(
-            dataset, batch_size=self.batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
-            pin_memory=self.device.type == "cuda", **({"prefetch_factor": 2} if workers else {}),
-        )
+        if onnx:  # no torch: decoding threads instead of DataLoader processes
+            loader = _read_batches(dataset, self.batch_size, workers)
+        else:
+            from torch.utils.data import DataLoader
+
+            loader = DataLoader(
+                dataset, batch_size=self.batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
+                pin_memory=self.device.type == "cuda", **({"prefetch_factor": 2} if workers else {}),
+            )
         show = progress and len(sources) > self.batch_size
         with progress_bar(total=len(sources), unit="img", desc="scoring", enabled=show) as bar:
             for batch in loader:
@@ -442,18 +500,24 @@ class Scorer:
 
     # ---- internals
 
-    @torch.no_grad()
-    def _forward(self, images: Tensor) -> Tensor:
-        with self._scoring_mode(), autocast(self.device, self.amp):
+    def _forward(self, images: Tensor | np.ndarray) -> Tensor | np.ndarray:
+        if isinstance(self._net, OnnxModel):  # always isolated, always inference; arrays in, arrays out
+            return self._net(images)
+        import torch
+
+        from engine import autocast, to_device
+
+        with torch.no_grad(), self._scoring_mode(), autocast(self.device, self.amp):
             out = self._net(to_device(images, self.device, channels_last=self.fast))
         return out.float().cpu()
 
     @contextlib.contextmanager
     def _scoring_mode(self) -> Iterator[None]:
-        """Eval mode and this scorer's theme fusion, restored afterwards (the model may be shared)."""
+        """Eval mode and this scorer's theme fusion, restored afterwards (the model may be shared); a
+        model already so is not touched (threads may score with it at once)."""
         net = self._net
-        if not isinstance(net, torch.nn.Module):  # an ONNX model: always isolated, always inference
-            yield
+        if isinstance(net, OnnxModel) or (not net.training and net.theme_fusion == self.theme_fusion):
+            yield  # an ONNX model (always isolated, always inference), or one already in scoring mode
             return
         was_training, fusion = net.training, net.theme_fusion
         net.eval()
@@ -464,8 +528,8 @@ class Scorer:
             net.theme_fusion = fusion
             net.train(was_training)
 
-    def _result(self, name: str, output: Tensor) -> ScoreResult:
-        values = output.double().numpy()
+    def _result(self, name: str, output: Tensor | np.ndarray) -> ScoreResult:
+        values = np.asarray(output, dtype=np.float64)
         if not np.isfinite(values).all():
             return ScoreResult(image=name, error=f"image {name}: the model gave a non-finite output {values.tolist()}")
         score = float(scores_1_to_10(values, self.variant))
@@ -495,7 +559,9 @@ def _resolve_amp(amp: str, device: torch.device) -> str:
         raise ScoringError(f"amp must be one of {AMP_MODES}, got {amp!r}") from None
 
 
-def _check_options(device: torch.device, theme_fusion: str, batch_size: int, amp: str, num_workers: int) -> None:
+def _check_options(device: torch.device | None, theme_fusion: str, batch_size: int, amp: str,
+                   num_workers: int) -> None:
+    """ScoringError for a bad option; ``device`` None (an ONNX model): no precision check."""
     if theme_fusion not in ("batch", "isolated"):
         raise ScoringError(f"theme_fusion must be 'isolated' or 'batch', got {theme_fusion!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -504,11 +570,20 @@ def _check_options(device: torch.device, theme_fusion: str, batch_size: int, amp
         raise ScoringError(f"num_workers must be an integer >= 0, got {num_workers!r}")
     if amp not in AMP_MODES:
         raise ScoringError(f"amp must be one of {AMP_MODES}, got {amp!r}")
-    autocast(device, amp)  # refuses fp16 on the CPU now rather than at the first batch
+    if device is not None:
+        from engine import autocast
+
+        autocast(device, amp)  # refuses fp16 on the CPU now rather than at the first batch
+
+
+def _is_tensor(x: Any) -> bool:
+    """Whether ``x`` is a torch tensor, without importing torch (no tensor exists before torch is)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
 
 
 def _is_single(x: Any) -> bool:
-    if isinstance(x, Tensor):
+    if _is_tensor(x):
         return x.ndim == 3
     return isinstance(x, (str, os.PathLike, Image.Image))
 
@@ -522,106 +597,3 @@ def _check_sources(x: Any) -> list[ImageSource]:
             raise TypeError(f"item {i} of the list is a {type(item).__name__}, not a path or PIL image "
                             f"(stack tensors into one (B, 3, 224, 224) tensor)")
     return list(x)
-
-
-# --------------------------------------------------------------------------- ranking and writing
-
-def rank_results(
-    results: Sequence[ScoreResult],
-    *,
-    sort: str | None = None,
-    top: int | None = None,
-    bottom: int | None = None,
-) -> list[ScoreResult]:
-    """The results to report. ``top``/``bottom`` N: the N highest / lowest scores (failed images
-    left out), best-first / worst-first unless ``sort`` says otherwise. Else every result, in
-    input order (``sort`` None or "none") or by score with the failed ones last. Ties keep input order."""
-    if sort is not None and sort not in SORT_ORDERS:
-        raise ScoringError(f"sort must be one of {SORT_ORDERS}, got {sort!r}")
-    if top is not None and bottom is not None:
-        raise ScoringError("give top or bottom, not both")
-    for name, n in (("top", top), ("bottom", bottom)):
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            raise ScoringError(f"{name} must be a positive integer, got {n!r}")
-    scored = [r for r in results if r.error is None]
-    by_score = sorted(scored, key=lambda r: r.score)  # stable: ties keep input order
-    if top is not None or bottom is not None:
-        if top is not None:
-            chosen = sorted(by_score, key=lambda r: -r.score)[:top]
-        else:
-            chosen = by_score[:bottom]
-        order = sort or ("desc" if top is not None else "asc")
-        if order == "none":
-            keep = {id(r) for r in chosen}
-            return [r for r in results if id(r) in keep]
-        return sorted(chosen, key=lambda r: -r.score if order == "desc" else r.score)
-    if sort in (None, "none"):
-        return list(results)
-    failed = [r for r in results if r.error is not None]
-    return (sorted(scored, key=lambda r: -r.score) if sort == "desc" else by_score) + failed
-
-
-def output_columns(variant: str) -> list[str]:
-    """``image, score, error``; for ava ``image, score, std, p1..p10, error``."""
-    extra = ["std", *(f"p{k}" for k in range(1, NUM_BINS + 1))] if variant == "ava" else []
-    return ["image", "score", *extra, "error"]
-
-
-def printable_name(name: str) -> str:
-    """A file name as valid Unicode: bytes that are not UTF-8 (kept by Python as surrogates) become
-    ``\\xNN`` escapes, so the name can be printed and written to UTF-8 files."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def result_rows(results: Iterable[ScoreResult], variant: str) -> list[dict[str, Any]]:
-    """One dict per result with the ``output_columns``; None where there is no value, "" for no error."""
-    rows = []
-    for r in results:
-        row: dict[str, Any] = {"image": printable_name(r.image), "score": r.score}
-        if variant == "ava":
-            row["std"] = r.std
-            dist = r.distribution or (None,) * NUM_BINS
-            row.update({f"p{k}": v for k, v in zip(range(1, NUM_BINS + 1), dist)})
-        row["error"] = r.error or ""
-        rows.append(row)
-    return rows
-
-
-def check_output_path(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()) -> str:
-    """The format (``.csv`` or ``.json``) of an output file name; ScoringError for another type, for a
-    folder or a folder that cannot be written to, and for one of the ``inputs`` (an image list, an
-    image): outputs never overwrite them."""
-    target = Path(path)
-    suffix = target.suffix.lower()
-    if suffix not in OUTPUT_FORMATS:
-        raise ScoringError(f"--output {path}: unknown file type {suffix or '(none)'!r}; use a .csv or .json name")
-    if target.is_dir():
-        raise ScoringError(f"--output {path} is a folder; name a .csv or .json file")
-    real = os.path.realpath(target)
-    for given in inputs:
-        if os.path.realpath(os.fspath(given)) == real:
-            raise ScoringError(f"--output {path} is also an input ({given}); inputs are never overwritten: "
-                               f"choose another file")
-    parent = next((p for p in (target.parent, *target.parent.parents) if p.exists()), None)
-    if parent is not None and (not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK)):
-        raise ScoringError(f"--output {path}: cannot write into {parent}; choose another place")
-    return suffix
-
-
-def write_results(results: Iterable[ScoreResult], path: str | os.PathLike, variant: str) -> None:
-    """Write results atomically as CSV (empty cells for missing values) or JSON (a list of row
-    objects, null for missing values), chosen by the file's extension."""
-    fmt = check_output_path(path)
-    rows = result_rows(results, variant)
-    if fmt == ".json":
-        atomic_save_json(rows, path)
-        return
-    with atomic_write(path, "w") as f:
-        write_csv_rows(rows, f, variant)
-
-
-def write_csv_rows(rows: Iterable[dict[str, Any]], f: TextIO, variant: str) -> None:
-    """``result_rows`` as CSV on an open text file: the ``output_columns`` header, empty cells for missing values."""
-    writer = csv.DictWriter(f, fieldnames=output_columns(variant), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)

@@ -48,6 +48,37 @@ def _count(low: int):
     return parse
 
 
+def port_number(text: str) -> int:
+    """A TCP port, 0..65535 (0: any free one)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a port number 0..65535, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number 0..65535, got {value}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """A positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    return value
+
+
+def served_hosts(host: str) -> tuple[tuple[str, ...], bool]:
+    """The Host header names a server listening on ``host`` answers to besides 127.0.0.1, localhost and
+    ::1 (``host`` itself; for every address, the machine's names), and whether any IP address is one too
+    (listening on every address: the page is opened by one of the machine's addresses)."""
+    if host not in ("0.0.0.0", "::", ""):
+        return (host,), False
+    return tuple({socket.gethostname(), socket.getfqdn()}), True
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Serve a local web page and JSON API that score photos "
                                                        "with a trained TANet on the 1..10 scale.")
@@ -56,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 opens it to the "
                         "network)")
-    s.add_argument("--port", type=_count(0), default=8000, help="port (default: 8000; 0: any free port)")
+    s.add_argument("--port", type=port_number, default=8000, help="port, 0..65535 (default: 8000; 0: any free port)")
     limits = p.add_argument_group("limits")
     limits.add_argument("--max_file_bytes", type=byte_size, default=25 << 20,
                         help="largest file accepted, e.g. 25M (default: 25 MiB); a larger one gets an error")
@@ -64,18 +95,27 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--slots", type=_count(1), default=1,
                         help="requests scored at once (default: 1; each uses the model's CPU threads)")
     limits.add_argument("--queue", type=_count(0), default=4,
-                        help="requests waiting for a slot; beyond, the answer is 503 busy (default: 4)")
+                        help="requests waiting for a slot once their upload has arrived; beyond, the answer is "
+                             "503 busy (default: 4)")
+    limits.add_argument("--max_pixels", type=_count(1), default=200_000_000,
+                        help="pixels decoded for one request's images together; a file beyond gets an error "
+                             "(default: 200000000)")
+    limits.add_argument("--body_timeout", type=seconds, default=60.0,
+                        help="seconds a request's upload may take to arrive whole; a slower one gets 408 "
+                             "(default: 60)")
     r = p.add_argument_group("run")
     r.add_argument("--device", default="auto", help="auto (CUDA when present; the default), cpu, cuda or cuda:N")
     r.add_argument("--theme_fusion", choices=("isolated", "batch"), default="isolated",
                    help="isolated (default): every photo scored alone; batch: the reference (a score then "
                         "depends on the other photos of its request)")
     r.add_argument("--batch_size", type=_count(1), default=8, help="images per forward pass (default: 8)")
-    r.add_argument("--amp", choices=AMP_MODES, default="auto",
-                   help="precision: auto (the default: bf16 on a GPU or a CPU with bfloat16 instructions, else "
-                        "float32), none (float32), bf16, fp16 (CUDA only)")
+    r.add_argument("--amp", choices=AMP_MODES, default="none",
+                   help="precision: none (the default: float32, the same scores on every CPU), bf16 (faster on a GPU "
+                        "or a CPU with bfloat16 instructions; scores move by up to about 0.06 on the 1..10 scale), "
+                        "auto (bf16 where the device has it), fp16 (CUDA only)")
     r.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
-                   help="score with BatchNorm folded and convolutions fused, channels-last (the default, as predict.py)")
+                   help="score with BatchNorm folded and convolutions fused, channels-last "
+                        "(the default, as predict.py)")
     r.add_argument("--allocator", choices=ALLOCATORS, default="tuned",
                    help="on the CPU, tuned (default): freed tensor memory is kept for the next batch")
     r.add_argument("--threads", type=_count(1), default=None,
@@ -132,7 +172,7 @@ def _run(args: argparse.Namespace) -> int:
         if not args.path_to_model_weight:
             raise ValueError(NO_WEIGHTS_HELP)
         limits = Limits(max_file_bytes=args.max_file_bytes, max_files=args.max_files, slots=args.slots,
-                        queue=args.queue)
+                        queue=args.queue, max_pixels=args.max_pixels, body_timeout=args.body_timeout)
     except ValueError as exc:
         print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
@@ -153,7 +193,8 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if args.allocator == "tuned" and scorer.device.type == "cpu":
         tune_cpu_allocator()
-    app = create_app(scorer, limits)
+    hosts, any_address = served_hosts(args.host)
+    app = create_app(scorer, limits, hosts=hosts, any_address=any_address)
     port = sock.getsockname()[1]
     where = "" if args.host in ("127.0.0.1", "localhost", "::1") else \
         f" (listening on {safe_text(args.host)}: other machines can reach it)"

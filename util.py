@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import math
 import warnings
+import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 NUM_BINS = 10  # AVA score distributions: votes for scores 1..10
 
@@ -23,10 +26,16 @@ __all__ = [
 ]
 
 
+def _is_tensor(x: Any) -> bool:
+    """Whether ``x`` is a torch tensor, without importing torch (no tensor exists before torch is)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
 def _as_array(x: Any, name: str) -> np.ndarray:
     """Any of list / numpy / torch -> float64 numpy array (a copy detached from autograd)."""
-    if isinstance(x, torch.Tensor):
-        return x.detach().to("cpu", torch.float64).numpy()
+    if _is_tensor(x):
+        return x.detach().to("cpu").double().numpy()
     try:
         return np.asarray(x, dtype=np.float64)
     except (TypeError, ValueError) as exc:
@@ -158,6 +167,8 @@ def emd(p: Any, q: Any, r: float = 1) -> float:
 
 def _safe_root(x: torch.Tensor, r: float) -> torch.Tensor:
     """x ** (1/r) with a zero (not NaN) gradient where x == 0 (e.g. a perfect prediction)."""
+    import torch
+
     if r == 1:
         return x
     positive = x > 0
@@ -166,7 +177,7 @@ def _safe_root(x: torch.Tensor, r: float) -> torch.Tensor:
 
 
 def _torch_distribution_pair(p: torch.Tensor, q: torch.Tensor) -> None:
-    if not isinstance(p, torch.Tensor) or not isinstance(q, torch.Tensor):
+    if not _is_tensor(p) or not _is_tensor(q):
         raise TypeError("emd_loss expects torch tensors")
     if p.dim() != 2 or p.shape != q.shape:
         raise ValueError(f"p and q must both be (B, bins) tensors, got {tuple(p.shape)} and {tuple(q.shape)}")
@@ -177,6 +188,8 @@ def emd_loss(p: torch.Tensor, q: torch.Tensor, r: float = 2) -> torch.Tensor:
     if r <= 0:
         raise ValueError(f"emd_loss: r must be > 0, got {r}")
     _torch_distribution_pair(p, q)
+    import torch
+
     diff = torch.abs(torch.cumsum(p, dim=1) - torch.cumsum(q, dim=1))
     per_image = _safe_root(torch.mean(diff ** r, dim=1), r)
     return per_image.mean()
@@ -190,13 +203,18 @@ def emd_loss_reference(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     For one image the two agree.
     """
     _torch_distribution_pair(p, q)
+    import torch
+
     diff = torch.cumsum(p, dim=1) - torch.cumsum(q, dim=1)
     return _safe_root(torch.mean(diff ** 2), 2)
 
 
 def distribution_mean(p: Any) -> Any:
-    """Mean score sum_k k * p_k (k = 1..10) along the last axis; torch in -> torch out, else numpy."""
-    if isinstance(p, torch.Tensor):
+    """Mean score sum_k k * p_k (k = 1..10) along the last axis; torch in -> torch out, else numpy
+    (without importing torch)."""
+    if _is_tensor(p):
+        import torch
+
         if p.shape[-1:] != (NUM_BINS,):
             raise ValueError(f"distribution_mean: last dimension must be {NUM_BINS}, got shape {tuple(p.shape)}")
         x = p if p.is_floating_point() else p.float()
@@ -211,7 +229,9 @@ def distribution_mean(p: Any) -> Any:
 def distribution_std(p: Any) -> Any:
     """Standard deviation sqrt(sum_k p_k (k - mean)^2) (k = 1..10) along the last axis."""
     mean = distribution_mean(p)
-    if isinstance(p, torch.Tensor):
+    if _is_tensor(p):
+        import torch
+
         x = p if p.is_floating_point() else p.float()
         k = torch.arange(1, NUM_BINS + 1, dtype=x.dtype, device=x.device)
         return torch.sqrt((x * (k - mean.unsqueeze(-1)) ** 2).sum(dim=-1))
@@ -239,7 +259,8 @@ def _is_blank_theme(theme: Any) -> bool:
 
 
 def per_theme_metrics(pred: Any, true: Any, themes: Sequence[Any]) -> dict[str, dict[str, Any]]:
-    """Per theme {"srcc", "plcc", "n"}, sorted by theme name; undefined ones are NaN with one warning per theme."""
+    """Per theme {"srcc", "plcc", "n"}, sorted by theme name; undefined ones are NaN with one warning per theme
+    and the reason as "undefined"."""
     p, t = _score_pair(pred, true)
     theme_list = [str(x) for x in (themes.tolist() if hasattr(themes, "tolist") else themes)]
     if len(theme_list) != p.size:
@@ -258,7 +279,7 @@ def per_theme_metrics(pred: Any, true: Any, themes: Sequence[Any]) -> dict[str, 
             s = c = float("nan")
         else:
             s, c = _srcc(tp, tt), _plcc(tp, tt)
-        result[theme] = {"srcc": s, "plcc": c, "n": int(idx.size)}
+        result[theme] = {"srcc": s, "plcc": c, "n": int(idx.size), **({"undefined": reason} if reason else {})}
     return result
 
 

@@ -74,8 +74,10 @@ class FusedConv2d(nn.Module):
                 f"{self.activation or 'identity'}(conv{sum_}), {self.weight.dtype}")
 
 
-def fuse_conv_activations(model: nn.Module, dtype: torch.dtype = torch.float32, *, copy_model: bool = True) -> nn.Module:
-    """A copy of ``model`` (``model`` itself, changed, with ``copy_model=False``) (a TANet, or any module ``torch.fx`` can trace) in which every ``Conv2d``
+def fuse_conv_activations(model: nn.Module, dtype: torch.dtype = torch.float32, *,
+                          copy_model: bool = True) -> nn.Module:
+    """A copy of ``model`` (``model`` itself, changed, with ``copy_model=False``) (a TANet, or any module ``torch.fx``
+    can trace) in which every ``Conv2d``
     followed by a ReLU/ReLU6, by ``+ residual``, or by ``+ residual`` then ReLU, is one :class:`FusedConv2d`
     (a residual must have the convolution output's shape, as in ResNet and MobileNetV2 blocks).
 

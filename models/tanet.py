@@ -146,8 +146,16 @@ class TANet(nn.Module):
         theme = self._theme_branch(x) if "theme" in self.branches else dict.fromkeys(_THEME_KEYS)
         x_aes = self.mobileNet(x)
         fused = [f for f in (x_aes, theme["x_theme"], x_rgb) if f is not None]
-        output = self.head(torch.cat(fused, dim=1))
+        output = self.fuse(fused)
         return {"x_aes": x_aes, "x_rgb": x_rgb, "rgb_similarity": similarity, **theme, "output": output}
+
+    def fuse(self, features: list[Tensor]) -> Tensor:
+        """The fusion head on the branches' features, always in at least float32: under autocast the
+        last layer's bf16 rounding would tie different photos' scores and leave a distribution summing
+        to 1 only within 5e-4. In float32 (the reference) this is exactly ``head(cat(features))``."""
+        wide = [f.to(torch.promote_types(f.dtype, torch.float32)) for f in features]
+        with torch.autocast(wide[0].device.type, enabled=False):
+            return self.head(torch.cat(wide, dim=1))
 
     def _theme_branch(self, x: Tensor) -> dict[str, Tensor | None]:
         batch = x.shape[0]

@@ -49,8 +49,17 @@ class TargetNet(nn.Module):
         self.relu7 = nn.PReLU()
 
     def hidden(self, s: Tensor) -> Tensor:
-        """"L2": h = Dropout(PReLU(BatchNorm(fc1(s)))), (B, 100)."""
-        return self.drop1(self.relu1(self.bn1(self.fc1(s))))
+        """"L2": h = Dropout(PReLU(BatchNorm(fc1(s)))), (B, 100).
+
+        A training batch of one image (where the reference raises) is normalised with the running
+        statistics, which it leaves as they are; batches of two or more are the reference's."""
+        z = self.fc1(s)
+        if self.training and z.shape[0] == 1:
+            bn = self.bn1
+            z = F.batch_norm(z, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=False, eps=bn.eps)
+        else:
+            z = self.bn1(z)
+        return self.drop1(self.relu1(z))
 
     def forward(self, h: Tensor, w: Tensor, c: Tensor, normalise: str) -> Tensor:
         """"L3": q[i, j] = h_i . W_j + c_i, (B, B), then a softmax or the per-batch normalisation."""

@@ -44,6 +44,11 @@ def resolve_weights(
     path = Path(name_or_path)
     if path.is_file():
         return path
+    if path.is_dir():  # a run folder, most likely: say which of its files to name
+        held = sorted(p.name for p in path.glob("*.pth") if p.is_file())
+        hint = f" (it holds {', '.join(held)})" if held else ""
+        raise FileNotFoundError(f"weight file {path} is a folder, not a weight file: name the checkpoint file in "
+                                f"it{hint}")
     entry = WEIGHT_FILES.get(path.name) if path.name == str(name_or_path) else None
     if entry is None:
         known = ", ".join(WEIGHT_FILES)
@@ -119,7 +124,8 @@ def load_places365_resnet18(model: nn.Module, path: str | os.PathLike, *, allow_
 
 
 def load_mobilenet_v2(model: nn.Module, path: str | os.PathLike, *, allow_unsafe: bool = False) -> None:
-    """Load the ImageNet ``mobilenetv2.pth.tar`` (``features.*``; ``classifier.*`` ignored) into the aesthetics branch."""
+    """Load the ImageNet ``mobilenetv2.pth.tar`` (``features.*``; ``classifier.*`` ignored) into the aesthetics
+    branch."""
     source = str(path)
     state = _state_dict_of(_read(path, allow_unsafe), source)
     features = {k.removeprefix("features."): v for k, v in state.items() if not k.startswith("classifier.")}

@@ -298,7 +298,8 @@ def _facts(checkpoint: Path, inp: _Inputs, data: Mapping, results: Mapping) -> l
         value = results.get(key)
         if value is not None:
             scale = ", 0..1 scale" if key == "mse" and inp.model.variant == "tad66k" else ""
-            facts.append((f"{key} (results.json{scale})", figures.fmt(value, 4) if isinstance(value, float) else str(value)))
+            facts.append((f"{key} (results.json{scale})",
+                          figures.fmt(value, 4) if isinstance(value, float) else str(value)))
     if inp.rerun_diff is not None:
         facts.append((f"model pass against {PREDICTIONS_CSV}", f"max |difference| {inp.rerun_diff:.2e}"))
     return facts

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from safe_io import atomic_write
+from safe_io import atomic_write, csv_text_cell, csv_text_value
 
 from .errors import ReportError
 from .stats import ScoreTable
@@ -21,12 +21,13 @@ PREDICTION_COLUMNS = ("image", "theme", "true_score", "pred_score")
 
 def write_predictions(path: Path, names: Sequence[str], themes: Sequence[str], true: np.ndarray,
                       pred: np.ndarray) -> None:
-    """One row per image: its file name, theme, true and predicted score on 1..10; written atomically."""
+    """One row per image: its file name, theme, true and predicted score on 1..10; written atomically,
+    the name and theme safe in a spreadsheet (``safe_io.csv_text_cell``; ``read_predictions`` undoes it)."""
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(PREDICTION_COLUMNS)
     for name, theme, t, p in zip(names, themes, true, pred):
-        writer.writerow([Path(name).name, theme, f"{t:.6f}", f"{p:.6f}"])
+        writer.writerow([csv_text_cell(Path(name).name), csv_text_cell(str(theme)), f"{t:.6f}", f"{p:.6f}"])
     with atomic_write(path, "w") as f:
         f.write(buf.getvalue())
 
@@ -54,6 +55,7 @@ def read_predictions(path: Path) -> ScoreTable:
             raise ReportError(f"{path}, row {i + 2} ({df['image'].iloc[i]}): {col} {df[col].iloc[i]!r} "
                               f"is not a finite number")
         scores[col] = values
-    return ScoreTable(df["image"].tolist(), df["theme"].tolist(), scores["true_score"], scores["pred_score"])
+    return ScoreTable([csv_text_value(n) for n in df["image"]], [csv_text_value(t) for t in df["theme"]],
+                      scores["true_score"], scores["pred_score"])
 
 

@@ -9,13 +9,18 @@ import torch
 from engine import infer
 from golden import golden_input, golden_state_dict
 from models import TANet
-from runtime import cpu_has_native_bf16
+from runtime import cpu_bf16_instructions, cpu_has_native_bf16
 
 CPU = torch.device("cpu")
 # bfloat16 on a CPU without bfloat16 instructions is an emulation, about 10x slower than float32 and
 # rounded differently; the project uses float32 there (--amp auto), so those paths are not tested there.
 needs_native_bf16 = pytest.mark.skipif(not cpu_has_native_bf16(),
                                        reason="this CPU has no bfloat16 instructions (AVX512-BF16 or AMX)")
+# Tolerances measured with the instructions' own rounding: emulated bf16 (TANET_CPU_BF16=1 on a CPU
+# without them) rounds the AVA theme ResNet's logits differently, and the per-batch normalisation of
+# the theme matrix amplifies that (0.062 against < 0.05 on the perturbed golden model, 2026-12-06).
+needs_bf16_instructions = pytest.mark.skipif(not cpu_bf16_instructions(),
+                                             reason="the CPU has no bfloat16 instructions (AVX512-BF16 or AMX)")
 
 
 def golden_tanet(variant: str = "tad66k", device: torch.device = CPU, channels_last: bool = False,

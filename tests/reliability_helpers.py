@@ -191,10 +191,10 @@ def predict_peak_memory(image_list: str, weights: str, output: str) -> dict:
     (KiB) before and after, and its exit status."""
     import resource
 
+    import models
     import predict
-    import scoring
 
-    scoring.TANet = TinyTANet
+    models.TANet = TinyTANet  # the Scorer imports TANet from models when it loads a checkpoint
     torch.set_num_threads(1)
     with torch.no_grad():  # what every run allocates once: a batch through the model
         TinyTANet()(torch.zeros(32, 3, 224, 224))

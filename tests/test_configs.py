@@ -7,10 +7,12 @@ import shlex
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import option
 from presets import RELEASED
+from runtime import resolve_amp
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_TAD66K_SPACE = {  # the authors' search_space.json
@@ -67,3 +69,14 @@ def test_the_cpu_demo_sweep_is_a_sweep():
     config, args, space = load("experiments/config_demo_cpu.yml")
     assert args.dataset == "demo" and config["trialGpuNumber"] == 0 and config["maxTrialNumber"] >= 6
     assert len(space) >= 2 and all(len(v["_value"]) >= 2 for v in space.values())
+
+
+@pytest.mark.parametrize("name", ["config.yml", "experiments/config_multi_gpu.yml", "experiments/config_remote.yml",
+                                  "experiments/config_tad66k_from_backbones.yml", "experiments/config_ava.yml",
+                                  "experiments/config_ava_train.yml"])
+def test_the_reference_experiments_run_in_float32(name, monkeypatch):
+    """Trained and evaluated at the reference's precision on every machine, bfloat16 CPUs included."""
+    monkeypatch.setenv("TANET_CPU_BF16", "1")
+    _, args, space = load(name)
+    assert args.amp == "none" and "amp" not in space
+    assert resolve_amp(args.amp, torch.device("cpu")) == "none"

@@ -204,7 +204,8 @@ def test_build_tad66k_errors(tmp_path):
         ds.build_datasets("tad66k", variant="tad66k", image_dir=root, csv_dir=root, validation="train")
     with pytest.raises(ValueError, match="dataset must be"):
         ds.build_datasets("flickr", variant="tad66k", image_dir=root)
-    with pytest.raises(DataError, match="holds neither merge/train.csv and merge/test.csv .* nor train.csv and test.csv"):
+    with pytest.raises(DataError,
+                       match="holds neither merge/train.csv and merge/test.csv .* nor train.csv and test.csv"):
         ds.build_datasets("tad66k", variant="tad66k", image_dir=root, csv_dir=tmp_path / "empty")
 
 

@@ -55,24 +55,109 @@ def test_complete_data_is_reused(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == stamps
 
 
-@pytest.mark.parametrize("damage", ["delete_image", "truncate_image", "delete_csv", "no_manifest",
-                                    "bad_manifest"])
+@pytest.mark.parametrize("damage", ["delete_image", "delete_csv"])
 def test_incomplete_data_is_regenerated(tmp_path, damage):
     root = demo_data.ensure_demo_dataset(tmp_path / "d", **SMALL)
     before = all_files(root)
-    image = root / "images" / "demo_00003.jpg"
     if damage == "delete_image":
-        image.unlink()
-    elif damage == "truncate_image":
-        image.write_bytes(image.read_bytes()[:100])
-    elif damage == "delete_csv":
-        (root / "unmerge" / "test" / "mono.csv").unlink()
-    elif damage == "no_manifest":  # what an interrupted generation leaves
-        (root / "manifest.json").unlink()
+        (root / "images" / "demo_00003.jpg").unlink()
     else:
-        (root / "manifest.json").write_text("{")
+        (root / "unmerge" / "test" / "mono.csv").unlink()
     demo_data.ensure_demo_dataset(tmp_path / "d", **SMALL)
     assert all_files(root) == before
+
+
+def snapshot(root):
+    """Every file under root (hidden ones included) with its bytes and modification time."""
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def refused(root, first, **kwargs):
+    """ensure_demo_dataset(root) refuses with one line naming the folder and the first foreign file, and
+    leaves every file as it was."""
+    before = snapshot(root)
+    with pytest.raises(ValueError) as err:
+        demo_data.ensure_demo_dataset(root, **{**SMALL, **kwargs})
+    message = str(err.value)
+    assert "\n" not in message and str(root) in message and first in message, message
+    assert snapshot(root) == before
+    return message
+
+
+def test_a_folder_of_the_users_data_is_refused_and_left_as_it_was(tmp_path):
+    """A copy of TAD66K (merge/, unmerge/ CSVs of the generator's names, images/) is never touched."""
+    root = tmp_path / "TAD66K"
+    for rel in ("merge/train.csv", "merge/test.csv", "unmerge/train/cat.csv", "unmerge/test/mono.csv"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("image,score\nmine.jpg,5.0\n")
+    (root / "images").mkdir()
+    (root / "images" / "demo_00001.jpg").write_bytes(b"my photo")
+    message = refused(root, "images/demo_00001.jpg")
+    assert "did not write" in message
+
+
+@pytest.mark.parametrize("damage", ["changed_image", "own_file", "no_manifest", "bad_manifest", "symlink"])
+def test_a_generated_folder_holding_anything_else_is_refused(tmp_path, damage):
+    """Even where the data must be made again (other parameters), only files the manifest lists with the
+    sizes and digests written are removed; a folder with anything else is left as it is."""
+    root = demo_data.ensure_demo_dataset(tmp_path / "d", **SMALL)
+    first = {"changed_image": "images/demo_00003.jpg", "own_file": "images/holiday.jpg",
+             "no_manifest": "images/demo_00000.jpg", "bad_manifest": "manifest.json",
+             "symlink": "merge/link.csv"}[damage]
+    if damage == "changed_image":  # same size, other bytes: not what the generator wrote
+        data = bytearray((root / first).read_bytes())
+        data[-3] ^= 0xFF
+        (root / first).write_bytes(bytes(data))
+    elif damage == "own_file":
+        (root / first).write_bytes(b"mine")
+    elif damage == "no_manifest":
+        (root / "manifest.json").unlink()
+    elif damage == "bad_manifest":
+        (root / "manifest.json").write_text("{")
+    else:
+        (root / first).symlink_to(tmp_path / "elsewhere.csv")
+    refused(root, first, n_train=4)
+
+
+def test_an_interrupted_generation_is_finished_by_the_next_call(tmp_path, monkeypatch):
+    """Killed after two images: the files written so far are the generator's own (its journal lists them),
+    so the next call removes and remakes them; the result equals an uninterrupted generation."""
+    render = demo_data.render_image
+    count = []
+
+    def dies_on_the_third(*args, **kwargs):
+        if len(count) == 2:
+            raise KeyboardInterrupt
+        count.append(1)
+        return render(*args, **kwargs)
+
+    monkeypatch.setattr(demo_data, "render_image", dies_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        demo_data.ensure_demo_dataset(tmp_path / "d", **SMALL)
+    assert len(list((tmp_path / "d" / "images").glob("*.jpg"))) == 2
+    assert not (tmp_path / "d" / "manifest.json").exists()
+    (tmp_path / "d" / "images" / ".demo_00001.jpg.0123456789ab.tmp").write_bytes(b"partial")  # a killed write
+    monkeypatch.setattr(demo_data, "render_image", render)
+    again = demo_data.ensure_demo_dataset(tmp_path / "d", **SMALL)
+    assert snapshot_names(again) == snapshot_names(demo_data.ensure_demo_dataset(tmp_path / "fresh", **SMALL))
+    assert all_files(again) == all_files(tmp_path / "fresh")
+
+
+def snapshot_names(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def test_a_manifest_of_an_earlier_version_still_vouches_for_its_files(tmp_path):
+    """Manifests written before digests were recorded list sizes only; their files are still removed."""
+    root = demo_data.ensure_demo_dataset(tmp_path / "d", **SMALL)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest.pop("sha256")
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    (root / ".generate.lock").write_bytes(b"")  # the lock file earlier versions left
+    demo_data.ensure_demo_dataset(root, n_train=4, n_test=4, size=64)
+    assert all_files(root) == all_files(demo_data.ensure_demo_dataset(tmp_path / "fresh", n_train=4, n_test=4,
+                                                                     size=64))
 
 
 def test_other_parameters_regenerate_and_remove_stale_files(tmp_path):
@@ -147,3 +232,23 @@ def test_learnable_from_simple_statistics_given_the_theme(tmp_path):
     print(f'SRCC with theme {srcc_theme:.3f}, without {srcc_plain:.3f}')
     assert srcc_theme > 0.8
     assert srcc_plain < srcc_theme - 0.3
+
+
+@pytest.mark.parametrize("tool, args", [("gpu_checks.py", ["--skip", "ddp", "bench", "cache"]),
+                                        ("benchmark.py", ["--accuracy", "--skip", "train", "eval", "data"])])
+def test_the_tools_refuse_a_demo_root_of_the_users_data_in_one_line(tool, args, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    user = tmp_path / "mine"
+    (user / "merge").mkdir(parents=True)
+    (user / "merge" / "train.csv").write_text("image,score\na.jpg,5\n")
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(repo / "tools" / tool), "--demo_root", str(user),
+                           "--out" if tool == "gpu_checks.py" else "--json", str(tmp_path / "out"), *args],
+                          capture_output=True, text=True, timeout=600, cwd=repo)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"{tool}: error: {user} holds merge/train.csv")
+    assert "Traceback" not in done.stderr
+    assert [p.name for p in user.rglob("*")] == ["merge", "train.csv"]

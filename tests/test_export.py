@@ -117,6 +117,68 @@ def test_the_export_tool(exported, tmp_path, capsys):
     assert ".onnx" in capsys.readouterr().err
 
 
+def export_tool():
+    from importlib import util
+
+    spec = util.spec_from_file_location("export_tool", REPO / "tools" / "export.py")
+    tool = util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_an_export_with_non_finite_outputs_fails_and_leaves_no_file(tmp_path, capsys):
+    pytest.importorskip("onnx", reason="the export needs onnx (pip install -r requirements-deploy.txt)")
+    checkpoint = tmp_path / "nan.pth"
+    state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+             for k, v in golden_state_dict("tad66k").items()}
+    torch.save({"model": state, "variant": "tad66k"}, checkpoint)
+    assert export_tool().main([str(checkpoint), "--out", str(tmp_path / "nan.onnx")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "non-finite" in err[0] and str(checkpoint) in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.pth"]
+
+
+def test_the_parity_check_refuses_a_difference_beyond_its_tolerance_or_not_finite(tmp_path):
+    import export as module
+
+    x = np.zeros((3, 3, 224, 224), np.float32)
+    ref = np.full((3, 1), 0.5, np.float32)
+
+    class Session:
+        def __init__(self, output):
+            self.output = output
+
+        def run(self, names, feeds):
+            assert names == ["output"] and feeds["image"] is x
+            return [self.output]
+
+    assert module._parity(Session(ref + 1e-6), x, ref, tmp_path / "m.pth") < module.PARITY_TOLERANCE
+    for bad in (ref + 2 * module.PARITY_TOLERANCE, np.full_like(ref, np.nan)):
+        with pytest.raises(ExportError, match="differs from PyTorch by"):
+            module._parity(Session(bad), x, ref, tmp_path / "m.pth")
+
+
+@pytest.mark.slow
+def test_an_export_beyond_the_parity_tolerance_leaves_no_file(tmp_path, capsys, monkeypatch):
+    needs_extra()
+    import export as module
+
+    checkpoint = tmp_path / "m.pth"
+    torch.save({"model": golden_state_dict("tad66k"), "variant": "tad66k"}, checkpoint)
+    monkeypatch.setattr(module, "PARITY_TOLERANCE", -1.0)  # no difference is within it
+    assert export_tool().main([str(checkpoint), "--out", str(tmp_path / "m.onnx")]) == 1
+    assert "differs from PyTorch" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pth"]
+
+
+def test_the_export_tool_says_a_folder_is_a_folder(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "best.pth").write_bytes(b"")
+    assert export_tool().main([str(tmp_path / "run"), "--out", str(tmp_path / "m.onnx")]) == 1
+    err = capsys.readouterr().err
+    assert "is a folder" in err and "best.pth" in err and "not found" not in err
+
+
 def test_metadata_and_refusals_without_exporting(tmp_path):
     model = TANet("tad66k", branches=("aesthetics", "rgb"))
     ckpt = tmp_path / "m.pth"

@@ -15,7 +15,8 @@ import torch
 from engine import autocast, make_loader, prepare_images, to_device
 from golden import golden_input, golden_state_dict
 from models import conv_fusion_available, TANet, fold_batchnorm
-from path_helpers import CPU, golden_batches, golden_scores, golden_tanet, needs_native_bf16, perturb_batchnorm
+from path_helpers import (CPU, golden_batches, golden_scores, golden_tanet, needs_bf16_instructions, needs_native_bf16,
+                          perturb_batchnorm)
 from runtime import cpu_has_native_bf16
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +74,8 @@ def test_bfloat16_cpu_autocast_stays_close_to_fp32(channels_last):
     ref, out_ref, g_ref, _ = _reference()
     low = golden_scores(golden_tanet(channels_last=channels_last), CPU, amp="bf16", channels_last=channels_last)
     assert torch.isfinite(low).all() and (low - ref).abs().max() < 0.05
-    out_low, g_low, _ = _train_step(golden_tanet(channels_last=channels_last), CPU, amp="bf16", channels_last=channels_last)
+    out_low, g_low, _ = _train_step(golden_tanet(channels_last=channels_last), CPU, amp="bf16",
+                                    channels_last=channels_last)
     assert (out_low - out_ref).abs().max() < 0.05
     assert all(torch.isfinite(g).all() for g in g_low.values())
     # The heads' gradients agree; the MobileNet's, after train-mode BatchNorm backward in bfloat16,
@@ -98,7 +100,7 @@ def test_folded_batchnorm_matches_the_plain_model(variant):
     assert (golden_scores(folded, CPU) - ref).abs().max() < 1e-5
 
 
-@needs_native_bf16
+@needs_bf16_instructions
 @pytest.mark.parametrize("variant", ["tad66k", "ava"])
 def test_folded_batchnorm_in_bfloat16_stays_close(variant):
     model = golden_tanet(variant)
@@ -202,7 +204,10 @@ def test_benchmark_path_names():
     with pytest.raises(ValueError, match="CPU evaluation path"):
         bench.parse_path("onnx", CPU, train=True)
     low = "bf16+" if cpu_has_native_bf16() else ""
-    assert f"isolated+foldbn+fuse+{low}channels_last" in bench.cpu_paths(train=False)
+    fuse = "fuse+" if conv_fusion_available(torch.bfloat16 if low else torch.float32) else ""
+    assert f"isolated+foldbn+{fuse}{low}channels_last" in bench.cpu_paths(train=False)
+    for name in bench.cpu_paths(train=False):  # every default path runs on this CPU, whatever TANET_CPU_BF16 says
+        bench.parse_path(name, CPU, train=False)
     assert ("bf16+channels_last" in bench.cpu_paths(train=True)) == cpu_has_native_bf16()
     with pytest.raises(ValueError, match="CPU evaluation path, with foldbn"):
         bench.parse_path("foldbn+fuse+fp16", torch.device("cuda"), train=False)

@@ -54,6 +54,8 @@ def test_reader_takes_the_published_format(tmp_path):
     ("A4, d.jpg, nan\n", "score 'nan' is not a rating"),
     ("A1, a.jpg, 3\n", "row 3: worker 'A1' rates image 'a.jpg' a second time (first in row 1)"),
     ("A4, d\x07.jpg, 3\n", "row 3: the imagePair cell has control characters"),
+    ('"a,b", d.jpg, 3\n', "row 3: worker 'a,b' is not a worker id (it has spaces, commas or control characters)"),
+    ("A 4, d.jpg, 3\n", "row 3: worker 'A 4' is not a worker id"),
 ])
 def test_reader_refuses_a_bad_row_naming_file_and_row(tmp_path, row, expected):
     path = write(tmp_path / fa.RATINGS_CSV, "worker, imagePair, score\nA1, a.jpg, 4\nA2, a.jpg, 2\n" + row)
@@ -109,7 +111,8 @@ def test_worker_list_one_per_line_or_a_csv_with_a_worker_column(tmp_path, text):
     ("", "lists no workers"),
     ("# nobody\n\n", "lists no workers"),
     ("A1\nA2\nA1\n", "line 3 repeats worker 'A1' (first at line 1)"),
-    ("A1\nA2 A3\n", "line 2: 'A2 A3' is not a worker id"),
+    ("A1\nA2 A3\n", "line 2: worker 'A2 A3' is not a worker id (it has spaces, commas or control characters)"),
+    ("worker\nA1\n\"a,b\"\n", "row 2: worker 'a,b' is not a worker id (it has spaces, commas or control characters)"),
     ("worker, n\nA1, 1\n, 2\n", "row 2 has an empty worker id"),
     ("worker\nA1\nA1\n", "row 2 repeats worker 'A1'"),
 ])
@@ -118,6 +121,7 @@ def test_worker_list_refuses_bad_lists(tmp_path, text, expected):
     with pytest.raises(DataError) as err:
         fa.read_test_workers(path)
     assert str(path) in str(err.value) and expected in str(err.value)
+    assert "give a CSV" not in str(err.value)  # a CSV would not take these either
 
 
 # --------------------------------------------------------------------------- the split by workers
@@ -234,3 +238,21 @@ def test_demo_parameters_are_checked(tmp_path):
         personal_data.ensure_personal_dataset(tmp_path, n_workers=5, n_test_workers=3)
     with pytest.raises(ValueError, match="LOW <= HIGH"):
         personal_data.ensure_personal_dataset(tmp_path, test_worker_images=(20, 10))
+
+
+def test_demo_generation_leaves_a_flickr_aes_folder_as_it_was(tmp_path):
+    """The real FLICKR-AES names (40K/farm*_b.jpg, its CSV and score list) in a folder the generator did
+    not make: refused with one line naming the folder and the first such file (a folder's own files before
+    its subfolders'); nothing touched."""
+    root = tmp_path / "FLICKR-AES"
+    (root / fa.IMAGE_FOLDER).mkdir(parents=True)
+    (root / fa.IMAGE_FOLDER / "farm1_255_19451034153_6d1a7f0a5c_b.jpg").write_bytes(b"a photo")
+    write(root / fa.RATINGS_CSV, PUBLISHED)
+    write(root / fa.MEAN_SCORES_TXT, "a.jpg 4.5\n")
+    write(root / personal_data.TEST_WORKERS_FILE, "A1\n")
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError) as err:
+        personal_data.ensure_personal_dataset(root, **SMALL)
+    message = str(err.value)
+    assert "\n" not in message and f"{root} holds {fa.RATINGS_CSV}, which personal_data.py did not write" in message
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()} == before

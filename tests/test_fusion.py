@@ -12,7 +12,7 @@ import engine
 import option
 from models import FusedConv2d, TANet, conv_fusion_available, fold_batchnorm, fuse_conv_activations
 from path_helpers import CPU, golden_scores, golden_tanet, perturb_batchnorm
-from runtime import resolve_amp
+from runtime import cpu_bf16_instructions, resolve_amp
 
 pytestmark = pytest.mark.skipif(not conv_fusion_available(), reason="needs a PyTorch build with oneDNN")
 
@@ -112,7 +112,9 @@ def test_trial_option_fuses_on_the_cpu_only():
     args = option.apply_dataset_defaults(option.init(["--dataset", "demo"]))
     args.amp = resolve_amp(args.amp, CPU)  # as main_nni does once the device is known
     assert args.fold_bn and args.fuse_conv  # the demo recipe uses it
-    assert engine.fuses_conv(args.fuse_conv, CPU, args.amp)
+    # bf16 fuses where the CPU has the instructions (TANET_CPU_BF16=1 only emulates the choice)
+    assert engine.fuses_conv(args.fuse_conv, CPU, args.amp) == (args.amp == "none" or cpu_bf16_instructions())
+    assert engine.fuses_conv(args.fuse_conv, CPU, "none")
     assert not engine.fuses_conv(args.fuse_conv, torch.device("cuda"), args.amp)
     reference = option.apply_dataset_defaults(option.init(["--dataset", "tad66k"]))
     assert not reference.fuse_conv and not engine.fuses_conv(reference.fuse_conv, CPU, "none")

@@ -1,8 +1,8 @@
 """Atomic writes, safe checkpoint loading and file hashing in safe_io.py."""
 
+import errno
 import hashlib
 import json
-import math
 import os
 import pathlib
 import pickle
@@ -69,13 +69,12 @@ def test_atomic_write_rejects_other_modes(tmp_path):
             pass
 
 
-def test_atomic_save_json_indent_and_nan(tmp_path):
+def test_atomic_save_json_indent_and_nan_as_null(tmp_path):
     target = tmp_path / "m.json"
     safe_io.atomic_save_json({"srcc": float("nan"), "n": 3}, target)
     text = target.read_text()
-    assert '\n  "srcc": NaN' in text
-    loaded = json.loads(text)
-    assert math.isnan(loaded["srcc"]) and loaded["n"] == 3
+    assert '\n  "srcc": null' in text
+    assert json.loads(text) == {"srcc": None, "n": 3}
 
 
 def test_atomic_save_json_unserialisable_keeps_original(tmp_path):
@@ -219,3 +218,49 @@ def test_sha256_file(tmp_path):
     empty = tmp_path / "empty"
     empty.write_bytes(b"")
     assert safe_io.sha256_file(empty) == hashlib.sha256(b"").hexdigest()
+
+
+# ---------------------------------------------------------------- a full disk
+
+def fill_disk_after(monkeypatch, limit: int) -> None:
+    """Writes to the temp files of atomic writes raise ENOSPC once ``limit`` bytes are in them."""
+    real_fdopen = os.fdopen
+
+    class Full:
+        def __init__(self, f):
+            self._f, self._n = f, 0
+
+        def write(self, data):
+            self._n += len(data)
+            if self._n > limit:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self._f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self._f.__exit__(*exc)
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: Full(real_fdopen(fd, *a, **k)))
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "json"])
+def test_a_full_disk_names_the_folder_and_the_space_needed_and_keeps_the_old_file(tmp_path, monkeypatch, kind):
+    target = tmp_path / ("last.pth" if kind == "checkpoint" else "results.json")
+    target.write_bytes(b"old")
+    fill_disk_after(monkeypatch, 1000)
+    with pytest.raises(safe_io.DiskFullError) as caught:
+        if kind == "checkpoint":
+            safe_io.atomic_torch_save({"w": torch.zeros(100_000)}, target)
+        else:
+            safe_io.atomic_save_json({"rows": list(range(10_000))}, target)
+    message = str(caught.value)
+    assert caught.value.errno == errno.ENOSPC and "\n" not in message
+    assert str(tmp_path) in message and f"{target.name} needs " in message and " free" in message
+    if kind == "checkpoint":
+        assert "needs 0.4 MB" in message  # 100,000 float32 and the zip's few bytes
+    assert target.read_bytes() == b"old" and listing(tmp_path) == [target.name]

@@ -10,8 +10,9 @@ REPO = Path(__file__).resolve().parents[1]
 LAYERS = {  # lower numbers are lower layers
     0: {"util", "safe_io", "download", "runlock", "runtime", "console"},
     1: {"presets", "option"},
-    2: {"images", "dataset", "demo_data", "personal_data", "flickr_aes", "models"},
-    3: {"engine", "run_data", "scoring", "report", "image_check", "cache", "augment", "export", "webapp",
+    2: {"images", "dataset", "demo_data", "personal_data", "flickr_aes", "models", "onnx_model"},
+    3: {"engine", "run_data", "scoring", "result_files", "ray_scoring", "report", "image_check", "cache", "augment",
+        "export", "webapp",
         "ablation", "personalize"},
     4: {"main_nni", "predict", "serve", "report.__main__", "tools"},
 }

@@ -212,9 +212,7 @@ def test_names_leaving_the_folder_name_the_users_csv_row_and_a_real_option(data,
 
 
 def test_control_characters_in_names_reach_no_terminal_or_log(data, tmp_path, capsys, monkeypatch):
-    import scoring
-
-    monkeypatch.setattr(scoring, "TANet", TinyTANet)
+    monkeypatch.setattr("models.TANet", TinyTANet)  # scoring imports it when it loads a checkpoint
     folder = tmp_path / "photos"
     folder.mkdir()
     write_jpeg(folder / "ok.jpg", 1)
@@ -263,6 +261,40 @@ def test_ctrl_c_prints_one_line_with_the_resume_command(data, tmp_path):
     assert "interrupted during epoch 2 of 3" in (out / "train.log").read_text()
 
 
+@pytest.mark.slow
+def test_sigterm_is_ctrl_c_one_line_the_lock_released_and_exit_143(data, tmp_path, tiny):
+    """A scheduler, kill or NNI stopping a trial sends SIGTERM: the run stops as on Ctrl-C, exit 128 + 15."""
+    out = tmp_path / "R"
+    script = textwrap.dedent("""
+        import sys, time, main_nni, engine
+        from reliability_helpers import TinyTANet
+        main_nni.TANet = TinyTANet
+        real = engine.train_one_epoch
+        def slow(*a, **k):
+            loss = real(*a, **k)
+            if k.get("epoch", 0) >= 1:
+                print("READY", flush=True)
+                time.sleep(60)
+            return loss
+        main_nni.train_one_epoch = slow
+        sys.exit(main_nni.main(sys.argv[1:]))
+    """)
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
+    proc = subprocess.Popen([sys.executable, "-c", script, *argv(data, out, "--num_epoch", "3")], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline().strip() == "READY"
+    assert (out / ".lock").is_file()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert "interrupted (SIGTERM) during epoch 2 of 3" in last and "--resume" in last and str(out) in last
+    assert "interrupted (SIGTERM) during epoch 2 of 3" in (out / "train.log").read_text()
+    assert not (out / ".lock").exists()
+    assert main_nni.main(argv(data, out, "--num_epoch", "3", "--resume")) == 0  # the lock is free
+
+
 def test_a_corrupt_last_checkpoint_says_how_to_go_on(data, tmp_path, tiny, capsys):
     out = tmp_path / "R"
     common = ("--val_fraction", "0.5")  # 4 validation images: a defined SRCC, so a best.pth
@@ -284,13 +316,52 @@ def test_a_bad_experiment_folder_names_the_option_and_the_path(data, tmp_path, t
     assert a_file.read_text() == "mine"
 
 
+def test_resuming_with_another_batch_size_warns_in_one_line(data, tmp_path, tiny):
+    out = tmp_path / "R"
+    assert main_nni.main(argv(data, out)) == 0
+    assert main_nni.main(argv(data, out, "--num_epoch", "2", "--resume")) == 0
+    assert "--resume with options" not in (out / "train.log").read_text()
+    assert main_nni.main(argv(data, out, "--num_epoch", "3", "--resume", "--batch_size", "2")) == 0
+    warned = [line for line in (out / "train.log").read_text().splitlines() if "--resume with options" in line]
+    assert len(warned) == 1 and "--batch_size 2 (was 4)" in warned[0]
+
+
+def test_zero_epochs_warn_that_untrained_weights_are_tested(data, tmp_path, tiny):
+    out = tmp_path / "R"
+    assert main_nni.main(argv(data, out, "--num_epoch", "0")) == 0
+    warned = [line for line in (out / "train.log").read_text().splitlines() if "untrained" in line]
+    assert len(warned) == 1 and "--num_epoch 0" in warned[0] and "--path_to_model_weight" in warned[0]
+    weights = tmp_path / "w.pth"
+    torch.save({"model": TinyTANet().state_dict(), "variant": "tad66k"}, weights)
+    again = tmp_path / "W"
+    assert main_nni.main(argv(data, again, "--num_epoch", "0", "--path_to_model_weight", str(weights))) == 0
+    assert "untrained" not in (again / "train.log").read_text()
+
+
+def test_a_corrupt_exif_warning_names_the_file(tmp_path):
+    import struct
+    import warnings
+
+    from PIL import Image
+
+    from images import load_image
+
+    path = tmp_path / "odd.jpg"
+    exif = b"Exif\x00\x00II*\x00" + struct.pack("<IH", 8, 5) + b"\x12\x01"  # 5 tags announced, 2 bytes given
+    Image.new("RGB", (16, 16)).save(path, exif=exif)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_image(path)
+    messages = [str(w.message) for w in caught]
+    assert any("Corrupt EXIF data" in m for m in messages), messages
+    assert all(str(path) in m for m in messages), messages
+
+
 # --------------------------------------------------------------------------- 14, 15: predict.py
 
 @pytest.fixture
 def tiny_weights(tmp_path, monkeypatch):
-    import scoring
-
-    monkeypatch.setattr(scoring, "TANet", TinyTANet)
+    monkeypatch.setattr("models.TANet", TinyTANet)  # scoring imports it when it loads a checkpoint
     path = tmp_path / "tiny.pth"
     torch.save({"model": TinyTANet().state_dict(), "variant": "tad66k"}, path)
     return str(path)

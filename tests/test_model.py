@@ -107,7 +107,8 @@ def reference_forward(model: TANet, x: torch.Tensor) -> torch.Tensor:
     query = pooled.view(b, c, -1).permute(0, 2, 1)
     key = pooled.view(b, c, -1)
     sim = torch.matmul(query, key)
-    sim = torch.div(sim, torch.matmul(torch.norm(query, dim=2, keepdim=True), torch.norm(key, dim=1, keepdim=True)).clamp(min=1e-8))
+    sim = torch.div(sim, torch.matmul(torch.norm(query, dim=2, keepdim=True),
+                                      torch.norm(key, dim=1, keepdim=True)).clamp(min=1e-8))
     x_rgb = model.head_rgb(sim.view(b, -1))
 
     s = model.res365_last(x)

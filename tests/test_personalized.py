@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 import personal_data
@@ -170,6 +171,27 @@ def test_a_worker_with_too_few_images_is_left_out_of_that_row(tiny_run, tmp_path
     assert "| test workers | 3 | 0 |" in (tmp_path / pz.RESULTS_MD).read_text()
 
 
+def test_workers_whose_srcc_is_undefined_in_every_draw_are_not_counted():
+    """personalized.md's "test workers" counts the workers in the means, not those left out of every draw."""
+    protocol = pz.Protocol(shots=(4,), repeats=2, min_test_images=5)
+    nan = float("nan")
+
+    def record(worker, pairs):
+        return {"worker": worker, "n_images": 20, "shots": {"4": {"draws": [
+            {"repeat": r, "n_train": 4, "n_test": 16, "generic_srcc": g, "finetuned_srcc": f}
+            for r, (g, f) in enumerate(pairs)]}}}
+
+    records = [record("A1", [(0.1, 0.3), (0.2, 0.4)]), record("A2", [(nan, nan), (nan, nan)]),
+               record("A3", [(nan, 0.5), (0.3, nan)]), record("A4", [(0.5, 0.5), (nan, nan)])]
+    table = pz.summarize(records, protocol)["4"]
+    assert table["workers"] == 2 and table["undefined_workers"] == ["A2", "A3"]
+    assert table["finetuned"]["per_repeat"] == pytest.approx([0.4, 0.4])
+    text = pz.markdown_table(pz.summarize(records, protocol), protocol,
+                             {"data": "tiny", "generic": "tiny", "eval_batch_size": 8})
+    assert "| test workers | 2 of 4 |" in text
+    assert "k = 4: 2 test workers (A2, A3) had an undefined SRCC in every draw" in text
+
+
 def test_a_killed_run_resumes_to_the_uninterrupted_table(tiny_run, tmp_path, monkeypatch):
     split, features, heads, *_ = tiny_run
     whole = run(split, features, heads, tmp_path / "whole")
@@ -250,6 +272,21 @@ def test_the_command_says_what_it_needs(tmp_path, tiny_data, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_the_demo_is_never_generated_over_the_users_files(tmp_path, capsys):
+    """--demo_dir naming a folder of the user's: one line naming it and the file, nothing written."""
+    mine = tmp_path / "mine"
+    (mine / "40K").mkdir(parents=True)
+    (mine / "40K" / "farm1_255_19451034153_6d1a7f0a5c_b.jpg").write_bytes(b"a photo")
+    (mine / "40K" / "test_workers.txt").write_text("A1\n")
+    assert paper_tables.main(["personalized", "--dataset", "demo", "--demo_dir", str(mine), "--out",
+                              str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{mine} holds 40K/farm1_255_19451034153_6d1a7f0a5c_b.jpg, which" in err
+    assert sorted(p.name for p in mine.rglob("*")) == ["40K", "farm1_255_19451034153_6d1a7f0a5c_b.jpg",
+                                                        "test_workers.txt"]
+    assert (mine / "40K" / "test_workers.txt").read_text() == "A1\n" and not (tmp_path / "o").exists()
+
+
 def test_the_command_writes_the_table_and_resumes(tmp_path, tiny_data, monkeypatch, capsys):
     """The command line in this process with the tiny model standing in for the checkpoint's TANet."""
     def tiny_tanet(path, **_):
@@ -272,6 +309,84 @@ def test_the_command_writes_the_table_and_resumes(tmp_path, tiny_data, monkeypat
     assert (tmp_path / "o" / pz.RESULTS_MD).read_text() == table
     assert paper_tables.main(argv[:-1] + [str(tmp_path / "o"), "--seed", "1"]) == 1
     assert "other settings (protocol differ)" in capsys.readouterr().err
+
+
+def tiny_tanet(path, **_):
+    torch.manual_seed(0)
+    model = TinyTANet()
+    model.variant = "tad66k"
+    return model, {"options": {"eval_batch_size": 8}}
+
+
+def test_a_rerun_on_other_images_is_refused(tmp_path, tiny_data, monkeypatch, capsys):
+    """The features are computed once and recorded: a rerun into the same --out after the images changed,
+    or with another --path_to_images, is refused with one line saying how to start fresh."""
+    import shutil
+
+    monkeypatch.setattr(paper_tables, "load_tanet", tiny_tanet)
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    (tmp_path / "generic.pth").write_bytes(b"stand-in")
+    argv = ["personalized", "--flickr_dir", str(data), "--test_workers", str(data / "test_workers.txt"),
+            "--generic", str(tmp_path / "generic.pth"), "--shots", "4", "--repeats", "1", "--min_test_images", "5",
+            "--ft_epochs", "1", "--no-fold_bn", "--num_workers", "0", "--device", "cpu", "--quiet",
+            "--out", str(tmp_path / "o")]
+    assert paper_tables.main(argv) == 0
+    table = (tmp_path / "o" / pz.RESULTS_MD).read_text()
+    capsys.readouterr()
+    shutil.copytree(data / "40K", tmp_path / "other")
+    assert paper_tables.main(argv + ["--path_to_images", str(tmp_path / "other")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "other images" in err and str(tmp_path / "other") in err and "another --out" in err
+    for image in (data / "40K").iterdir():  # every image's content changes (and its size)
+        with Image.open(image) as img:
+            img.rotate(90).save(image, quality=50)
+    assert paper_tables.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "other images" in err and "another --out" in err
+    assert (tmp_path / "o" / pz.RESULTS_MD).read_text() == table  # nothing of the run was changed
+
+
+def test_messages_suggest_only_options_of_the_command(tmp_path, tiny_data, monkeypatch, capsys):
+    """personalized has no --skip_missing or --skip_bad; --download and --checkpoints_dir it has."""
+    import shutil
+
+    monkeypatch.setattr(paper_tables, "load_tanet", tiny_tanet)
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    (tmp_path / "generic.pth").write_bytes(b"stand-in")
+    argv = ["personalized", "--flickr_dir", str(data), "--test_workers", str(data / "test_workers.txt"),
+            "--generic", str(tmp_path / "generic.pth"), "--shots", "4", "--repeats", "1", "--min_test_images", "5",
+            "--num_workers", "0", "--device", "cpu", "--quiet"]
+    test_image = data / "40K" / load_split(data, data / "test_workers.txt").test["image"].iloc[0]
+    test_image.write_bytes(b"not an image")
+    assert paper_tables.main(argv + ["--out", str(tmp_path / "o1")]) == 1
+    err = capsys.readouterr().err
+    assert "cannot be decoded" in err and "--check_images exists" in err and "--skip_bad" not in err
+    test_image.unlink()
+    assert paper_tables.main(argv + ["--out", str(tmp_path / "o2")]) == 1
+    err = capsys.readouterr().err
+    assert "missing" in err and "--path_to_images" in err and "--skip_missing" not in err
+    released = (argv[:argv.index("--generic") + 1] + ["SRCC_513_LCC_531_MSE_016.pth"]
+                + argv[argv.index("--generic") + 2:])
+    assert paper_tables.main(released + ["--checkpoints_dir", str(tmp_path / "none"),
+                                         "--out", str(tmp_path / "o3")]) == 1
+    err = capsys.readouterr().err
+    assert str(tmp_path / "none") in err and "--download" in err
+    args = paper_tables.build_parser().parse_args(released + ["--download", "--out", str(tmp_path / "o3")])
+    assert args.download and args.checkpoints_dir is None
+
+
+@pytest.mark.parametrize("code, again", [(1, False), (2, False), (130, True), (-9, True)])
+def test_a_failed_generic_training_says_run_again_only_where_it_helps(tmp_path, monkeypatch, code, again):
+    args = paper_tables.build_parser().parse_args(["personalized", "--dataset", "demo", "--out", str(tmp_path)])
+    signal_part = f"import os, signal; os.kill(os.getpid(), {-code})" if code < 0 else f"raise SystemExit({code})"
+    monkeypatch.setattr(paper_tables, "generic_training_command",
+                        lambda *a: [sys.executable, "-c", f"import sys; print('error: no data', file=sys.stderr); "
+                                                          f"{signal_part}"])
+    with pytest.raises(RuntimeError) as err:
+        paper_tables.generic_checkpoint(args, tmp_path, tmp_path / "w.txt", tmp_path)
+    assert ("run the same command again" in str(err.value)) == again, str(err.value)
 
 
 def test_the_generic_training_command_uses_the_demos_recipe(tmp_path):

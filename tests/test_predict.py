@@ -182,7 +182,7 @@ def test_missing_weights_say_how_to_get_them(photos, capsys):
     (["--path_to_model_weight", "{ava}", "--variant", "tad66k"], "is a 'ava' model, but variant 'tad66k'"),
     (["--path_to_model_weight", "nope.pth"], "weight file 'nope.pth' not found"),
     (["--path_to_model_weight", RELEASED["ava"], "--checkpoints_dir", "{empty}"], "--download"),
-    (["--path_to_model_weight", "{tad}", "--output", "{tmp}/out.xlsx"], "use a .csv or .json"),
+    (["--path_to_model_weight", "{tad}", "--output", "{tmp}/out.xlsx"], "use a .csv, .json, .jsonl"),
     (["--path_to_model_weight", "{tad}", "--amp", "fp16", "--device", "cpu"], "fp16 needs a CUDA device"),
     (["--path_to_model_weight", "{tad}", "--device", "tpu"], "is not a device"),
 ])
@@ -237,3 +237,158 @@ def test_allocator_option(ckpts, photos, monkeypatch, allocator, calls):
     assert predict.main([image, "--path_to_model_weight", str(ckpts / "tad66k.pth"), "--variant", "tad66k",
                          "--device", "cpu", "--num_workers", "0", "--quiet", "--allocator", allocator]) == 0
     assert len(seen) == calls
+
+
+# --------------------------------------------------------------------------- resume, shards, formats
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    """Seven small JPEGs in two folders levels, and a broken one."""
+    root = tmp_path_factory.mktemp("library")
+    (root / "sub").mkdir()
+    for i in range(7):
+        Image.fromarray(_pixels(30 + i, (32, 28)), "RGB").save(root / ("sub" if i % 2 else ".") / f"p{i}.jpg")
+    (root / "broken.jpg").write_bytes(b"not a jpeg")
+    return root
+
+
+def _lib_args(ckpts, library, out, *more):
+    return [str(library), "--recursive", "--path_to_model_weight", str(ckpts / "ava.pth"), "--output", str(out),
+            "--batch_size", "2", *QUIET, *more]
+
+
+def _stop_after(monkeypatch, n, seen):
+    """Scorer.iter_results records the images it is given and is interrupted (Ctrl-C) after n results."""
+    real = Scorer.iter_results
+
+    def iter_results(self, sources, **kw):
+        seen.extend(str(s) for s in sources)
+        for k, result in enumerate(real(self, sources, **kw)):
+            if k == n:
+                raise KeyboardInterrupt
+            yield result
+
+    monkeypatch.setattr(Scorer, "iter_results", iter_results)
+
+
+@pytest.mark.parametrize("suffix, options", [(".csv", []), (".json", ["--sort", "desc"]), (".jsonl", ["--top", "3"])])
+def test_an_interrupted_run_resumes_without_scoring_an_image_twice(ckpts, library, tmp_path, monkeypatch, capsys,
+                                                                   suffix, options):
+    whole = tmp_path / f"whole{suffix}"
+    assert predict.main(_lib_args(ckpts, library, whole, *options)) == 1  # the broken image fails
+    out = tmp_path / f"out{suffix}"
+    seen: list[str] = []
+    _stop_after(monkeypatch, 5, seen)
+    assert predict.main(_lib_args(ckpts, library, out, *options)) == predict.EXIT_INTERRUPTED
+    assert "continue with: python predict.py" in capsys.readouterr().err
+    monkeypatch.undo()
+    # without --resume: refused, with the command that continues it; nothing lost
+    before = out.read_bytes() if out.exists() else None
+    assert predict.main(_lib_args(ckpts, library, out, *options)) == 2
+    err = capsys.readouterr().err
+    assert "did not finish; continue it with: python predict.py" in err and err.rstrip().count("--resume") == 1
+    assert (out.read_bytes() if out.exists() else None) == before
+    _stop_after(monkeypatch, 99, seen)
+    assert predict.main(_lib_args(ckpts, library, out, *options, "--resume")) == 1
+    assert "resuming" in capsys.readouterr().err
+    assert len(seen) == 8 + 3 and sorted(set(seen)) == sorted(seen[:8])  # the 5 scored before are not again
+    assert seen[8:] == seen[5:8]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([whole.name, out.name])
+    if suffix == ".csv":
+        assert out.read_bytes() == whole.read_bytes()
+    else:
+        text = out.read_text()
+        ours = [json.loads(x) for x in text.splitlines()] if suffix == ".jsonl" else json.loads(text)
+        theirs = ([json.loads(x) for x in whole.read_text().splitlines()] if suffix == ".jsonl"
+                  else json.loads(whole.read_text()))
+        assert [r["image"] for r in ours] == [r["image"] for r in theirs]
+        assert len(ours) == (3 if options[0] == "--top" else 8)
+        assert all(a["score"] == pytest.approx(b["score"], abs=1e-5) or a["score"] is b["score"] is None
+                   for a, b in zip(ours, theirs))
+
+
+def test_resume_with_other_options_is_refused(ckpts, library, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out.csv"
+    _stop_after(monkeypatch, 3, [])
+    assert predict.main(_lib_args(ckpts, library, out)) == predict.EXIT_INTERRUPTED
+    monkeypatch.undo()
+    assert predict.main(_lib_args(ckpts, library, out, "--draft", "--resume")) == 2
+    assert "draft (False then, True now)" in capsys.readouterr().err
+    assert predict.main([str(library), "--path_to_model_weight", str(ckpts / "ava.pth"), "--resume", *QUIET]) == 2
+    assert "--resume continues the run that writes --output" in capsys.readouterr().err
+
+
+def test_shards_split_a_collection_and_merge_back(ckpts, library, tmp_path):
+    whole = tmp_path / "whole.csv"
+    predict.main(_lib_args(ckpts, library, whole))
+    parts = []
+    for i in range(3):
+        status = predict.main(_lib_args(ckpts, library, tmp_path / f"part{i}.csv", "--shard", f"{i}/3"))
+        assert status in (0, 1, 2)  # a shard may hold no image, or only the broken one
+        if (tmp_path / f"part{i}.csv").exists():
+            with open(tmp_path / f"part{i}.csv", newline="", encoding="utf-8") as f:
+                parts.append(list(csv.DictReader(f)))
+    with open(whole, newline="", encoding="utf-8") as f:
+        everything = {r["image"]: r for r in csv.DictReader(f)}
+    merged = [r for part in parts for r in part]
+    assert sorted(r["image"] for r in merged) == sorted(everything)  # disjoint and covering
+    assert all(abs(float(r["score"] or 0) - float(everything[r["image"]]["score"] or 0)) < 1e-5 for r in merged)
+    again = tmp_path / "again.csv"
+    predict.main(_lib_args(ckpts, library, again, "--shard", "1/3"))
+    assert again.read_bytes() == (tmp_path / "part1.csv").read_bytes()  # deterministic
+    # README's merge command
+    subprocess.run("(head -n 1 part0.csv; tail -q -n +2 part*.csv) > all.csv", shell=True, cwd=tmp_path, check=True)
+    with open(tmp_path / "all.csv", newline="", encoding="utf-8") as f:
+        assert sorted(r["image"] for r in csv.DictReader(f)) == sorted(everything)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_jsonl_and_parquet_outputs_by_extension(ckpts, photos, reference, tmp_path, suffix):
+    if suffix == ".parquet":
+        pq = pytest.importorskip("pyarrow.parquet")
+    out = tmp_path / f"scores{suffix}"
+    assert predict.main([str(photos), "--path_to_model_weight", str(ckpts / "tad66k.pth"), "--output", str(out),
+                         *QUIET]) == 0
+    rows = (pq.read_table(out).to_pylist() if suffix == ".parquet"
+            else [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()])
+    assert [list(r) for r in rows] == [["image", "score", "error"]] * 3
+    assert all(abs(r["score"] - reference[r["image"]]) < 1e-5 and r["error"] == "" for r in rows)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+
+
+@pytest.mark.slow
+def test_a_sigkilled_run_resumes_to_the_uninterrupted_file(ckpts, tmp_path):
+    """predict.py killed with SIGKILL mid-run (rows on disk, one maybe cut), then --resume."""
+    import signal
+    import time
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(120):
+        Image.fromarray(_pixels(100 + i, (32, 32)), "RGB").save(folder / f"m{i:03d}.jpg")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+    def command(out, *more):
+        return [sys.executable, str(REPO / "predict.py"), str(folder),
+                "--path_to_model_weight", str(ckpts / "tad66k.pth"),
+                "--output", str(out), "--batch_size", "4", "--threads", "1", *QUIET, *more]
+
+    whole = tmp_path / "whole.csv"
+    subprocess.run(command(whole), cwd=REPO, env=env, capture_output=True, timeout=600, check=True)
+    out = tmp_path / "out.csv"
+    proc = subprocess.Popen(command(out), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 20):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    scored = out.read_text().count("\n") - 1
+    assert 20 <= scored < 120, scored  # killed mid-run
+    done = subprocess.run(command(out, "--resume"), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert f"resuming {out}: " in done.stderr
+    with open(out, newline="") as f, open(whole, newline="") as g:
+        ours, theirs = list(csv.reader(f)), list(csv.reader(g))
+    assert [r[0] for r in ours] == [r[0] for r in theirs] and len(ours) == 121
+    assert all(abs(float(a[1]) - float(b[1])) < 1e-5 for a, b in zip(ours[1:], theirs[1:]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["many", "out.csv", "whole.csv"]

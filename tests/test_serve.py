@@ -3,11 +3,15 @@ headless Chromium, and the command line. Needs requirements-deploy.txt (skipped 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import json
 import io
+import logging
 import os
+import select
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -37,7 +41,7 @@ from models import TANet  # noqa: E402
 from presets import VARIANT_PRESETS  # noqa: E402
 from scoring import Scorer, output_columns, write_results  # noqa: E402
 from webapp import Limits, create_app  # noqa: E402
-from webapp.uploads import UploadError, label, read_uploads  # noqa: E402
+from webapp.uploads import UploadError, body_limit, human_bytes, label, read_uploads  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LIMITS = Limits(max_file_bytes=200_000, max_files=4, slots=1, queue=3)
@@ -154,8 +158,9 @@ def test_health_tells_the_model_its_preprocessing_and_the_limits(ava):
         assert info["variant"] == "ava" and info["checkpoint"] == ckpt.name == "ava.pth"
         assert info["device"] == "cpu" and info["theme_fusion"] == "isolated"
         assert info["preprocessing"] == VARIANT_PRESETS["ava"].preprocessing
-        assert info["limits"] == {"max_file_bytes": 200_000, "max_files": 4, "slots": 1, "queue": 3}
-        assert info["columns"] == output_columns("ava")
+        assert info["limits"] == {"max_file_bytes": 200_000, "max_files": 4, "slots": 1, "queue": 3,
+                                  "max_pixels": 200_000_000, "body_timeout": 60.0}
+        assert info["columns"] == output_columns("ava") and info["attention"] is True
 
 
 @pytest.mark.parametrize("which", ["ava", "tad"])
@@ -422,7 +427,8 @@ def test_serve_refuses_bad_options_missing_weights_and_a_taken_port(ava, capsys,
     assert f"cannot listen on --host 127.0.0.1 --port {port}" in capsys.readouterr().err
     assert serve.url_of("0.0.0.0", 80) == "http://127.0.0.1:80" and serve.url_of("::1", 8) == "http://[::1]:8"
     defaults = serve.build_parser().parse_args([])
-    assert Limits(**{k: getattr(defaults, k) for k in ("max_file_bytes", "max_files", "slots", "queue")}) == Limits()
+    assert Limits(**{k: getattr(defaults, k) for k in ("max_file_bytes", "max_files", "slots", "queue", "max_pixels",
+                                                      "body_timeout")}) == Limits()
     assert defaults.host == "127.0.0.1" and defaults.theme_fusion == "isolated"
 
 
@@ -522,3 +528,312 @@ def test_benchmark_serve_reports_images_per_second(tmp_path):
     assert report["images"] == 3 and report["server"]["limits"]["max_files"] == 2
     assert report["images_per_s"] == pytest.approx(3 / report["seconds"]) and report["seconds"] > 0
     assert "cores" in report["machine"]
+
+
+# --------------------------------------------------------------------------- an ONNX export
+
+@pytest.mark.slow
+def test_serve_scores_with_an_onnx_export(tmp_path, photos):
+    """serve.py takes every checkpoint predict.py takes, an .onnx export too; it has no attention figure."""
+    for module in ("onnx", "onnxruntime", "onnxscript"):
+        pytest.importorskip(module, reason=f"the ONNX export needs {module} (pip install -r requirements-deploy.txt)")
+    from export import export_onnx
+
+    ckpt = _checkpoint(tmp_path, "ava")
+    exported = tmp_path / "ava.onnx"
+    export_onnx(ckpt, exported)
+    scorer = Scorer(exported, device="cpu")
+    server = Server(create_app(scorer, LIMITS))
+    try:
+        info = requests.get(f"{server.url}/api/info", timeout=10).json()
+        assert info["checkpoint"] == "ava.onnx" and info["variant"] == "ava" and info["attention"] is False
+        rows = post_files(f"{server.url}/api/score", [(p.name, p.read_bytes()) for p in photos]).json()["results"]
+        want = Scorer(ckpt, device="cpu", amp="none").score_detailed([str(p) for p in photos])
+        assert all(r["error"] == "" and abs(r["score"] - w.score) < 1e-4 for r, w in zip(rows, want)), rows
+        figure = post_files(f"{server.url}/api/attention", [(photos[0].name, photos[0].read_bytes())], field="file")
+        assert figure.status_code == 501 and "needs a PyTorch checkpoint" in figure.json()["detail"]
+        assert_up(server)
+    finally:
+        server.stop()
+
+
+def test_the_app_leaves_the_model_alone_and_threads_never_switch_its_mode(ava, photos, monkeypatch):
+    """The cause of the .onnx crash: create_app set the model's mode itself (an OnnxModel has no eval)
+    because Scorer switched a shared model's mode on every forward pass. A Scorer owns its checkpoint's
+    model in scoring mode, and leaves a model already so untouched."""
+    _, _, ckpt = ava
+    scorer = Scorer(ckpt, device="cpu", fast=False)
+    assert not scorer.model.training
+    switched: list[bool] = []
+    monkeypatch.setattr(scorer.model, "train", lambda mode=True: switched.append(mode))
+    server = Server(create_app(scorer, LIMITS))
+    try:
+        rows = post_files(f"{server.url}/api/score", [(photos[0].name, photos[0].read_bytes())]).json()["results"]
+    finally:
+        server.stop()
+    assert rows[0]["error"] == "" and switched == []
+
+
+# --------------------------------------------------------------------------- slow uploads
+
+def _port(server: Server) -> int:
+    return int(server.url.rsplit(":", 1)[1])
+
+
+def _start_slow_upload(port: int, path: str = "/api/score") -> socket.socket:
+    """A client that sends its headers and 50 bytes of a 10 kB body, then nothing unless told."""
+    kind = "multipart/form-data; boundary=xyz" if path == "/api/score" else "application/json"
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {kind}\r\n"
+                 f"Content-Length: 10000\r\n\r\n".encode() + b"--xyz\r\nContent-Disposition: form-data; name=\"f"[:50])
+    return sock
+
+
+def _answer_of(sock: socket.socket) -> bytes | None:
+    """The bytes the server sent back so far (None: nothing yet)."""
+    ready, _, _ = select.select([sock], [], [], 0)
+    if not ready:
+        return None
+    data = b""
+    sock.settimeout(5)
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except OSError:  # reset after its answer
+        pass
+    return data
+
+
+def test_slow_uploads_hold_no_place_and_get_408_at_their_deadline(ava, photos):
+    """Four clients trickle their photos a byte at a time (as many as the one slot and three queue
+    places) and one its CSV rows: a whole photo sent meanwhile is scored, and each trickle is answered
+    408 at its deadline."""
+    _, scorer, _ = ava
+    server = Server(create_app(scorer, replace(LIMITS, body_timeout=1.5)))
+    slow: list[socket.socket] = []
+    try:
+        began = time.monotonic()
+        slow = [_start_slow_upload(_port(server), path) for path in ["/api/score"] * 4 + ["/api/csv"]]
+        time.sleep(0.3)
+        health = requests.get(f"{server.url}/api/health", timeout=10).json()
+        assert health["admitted"] == 0 and health["receiving"] == 5, health
+        whole = post_files(f"{server.url}/api/score", [(photos[0].name, photos[0].read_bytes())])
+        assert whole.status_code == 200 and whole.json()["results"][0]["error"] == "", whole.text
+        answers: dict[int, bytes] = {}
+        for _ in range(80):  # a byte every 0.1 s from each, for at most 8 s
+            for i, sock in enumerate(slow):
+                if i in answers:
+                    continue
+                answer = _answer_of(sock)
+                if answer is not None:
+                    answers[i] = answer
+                    continue
+                with contextlib.suppress(OSError):
+                    sock.sendall(b"x")
+            if len(answers) == len(slow):
+                break
+            time.sleep(0.1)
+        took = time.monotonic() - began
+    finally:
+        for sock in slow:
+            sock.close()
+        server.stop()
+    assert len(answers) == 5, f"{5 - len(answers)} trickling upload(s) still unanswered after {took:.1f} s"
+    assert took < 6, took
+    for answer in answers.values():
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert "did not arrive in time" in json.loads(body)["detail"]
+
+
+# --------------------------------------------------------------------------- large images
+
+def _gradient_png(width: int, height: int, mode: str = "RGB") -> bytes:
+    """A smooth PNG of ``width`` x ``height`` pixels (small as a file, large decoded)."""
+    g = Image.linear_gradient("L").resize((width, height))
+    img = Image.merge("RGB", (g, g.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+                              g.transpose(Image.Transpose.FLIP_TOP_BOTTOM)))
+    out = io.BytesIO()
+    img.convert(mode).save(out, "PNG", compress_level=1)
+    return out.getvalue()
+
+
+def test_a_large_image_is_decoded_reduced_and_a_normal_one_exactly(ava, photos, monkeypatch):
+    """Above the threshold a JPEG is decoded at a reduced scale and other formats are reduced before
+    any conversion (the tensor close to the full decoding's); below it, the decoding is predict.py's."""
+    from images import PixelBudget, decode_image, load_image
+    from webapp import work
+    from webapp.uploads import Upload
+
+    _, scorer, _ = ava
+    monkeypatch.setattr(work, "REDUCE_ABOVE_PIXELS", 3_000_000)
+    big_png = _gradient_png(4096, 3072, "RGBA")
+    jpeg = io.BytesIO()
+    Image.open(io.BytesIO(_gradient_png(4096, 3072))).save(jpeg, "JPEG", quality=95)
+    for name, data in (("big.png", big_png), ("big.jpg", jpeg.getvalue())):
+        budget = PixelBudget(10**9)
+        reduced = work.prepare(scorer, Upload(name, data), budget)
+        assert budget.limit - budget.left == (4096 * 3072 if name.endswith(".png") else 2048 * 1536), name
+        assert decode_image(data, name, reduce_above=work.REDUCE_ABOVE_PIXELS).size == (2048, 1536)
+        full = scorer.transform(decode_image(data, name))
+        assert (reduced - full).abs().max() < 0.05, name  # normalised units: a few levels of 255 at most
+        assert abs(scorer.score(reduced) - scorer.score(full)) < 1e-3
+    for path in photos:  # normal photos: bit for bit what predict.py computes
+        assert torch.equal(work.prepare(scorer, Upload(path.name, path.read_bytes())),
+                           scorer.transform(load_image(path)))
+
+
+def test_the_pixels_of_one_request_are_bounded(ava, photos):
+    _, scorer, _ = ava
+    server = Server(create_app(scorer, replace(LIMITS, max_pixels=30_000)))  # a 160x120 photo is 19,200
+    try:
+        rows = post_files(f"{server.url}/api/score", [(p.name, p.read_bytes()) for p in photos[:2]]).json()["results"]
+    finally:
+        server.stop()
+    assert rows[0]["error"] == "" and rows[1]["score"] is None
+    assert rows[1]["error"] == (f"image file {photos[1].name} has 19,200 pixels to decode, more than the 10,800 left "
+                                f"of the limit of 30,000 for the images sent together; send it alone or with fewer "
+                                f"images"), rows[1]
+
+
+MEMORY_SCRIPT = r"""
+import sys
+import torch
+from runtime import tune_cpu_allocator
+from scoring import Scorer
+from webapp.uploads import Upload
+from webapp.work import score_uploads
+
+def rss_mb():
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["VmRSS"].split()[0]) // 1024, int(fields["VmHWM"].split()[0]) // 1024
+
+torch.set_num_threads(1)
+scorer = Scorer(sys.argv[1], device="cpu")
+tune_cpu_allocator()  # serve.py's default: freed memory is kept for the next batch
+small, big = open(sys.argv[2], "rb").read(), open(sys.argv[3], "rb").read()
+for _ in range(2):
+    score_uploads(scorer, [Upload("small.jpg", small)] * 4)
+before, _ = rss_mb()
+result = score_uploads(scorer, [Upload("big.png", big)])[0]
+after, peak = rss_mb()
+print(result.error or "scored", before, after, peak)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status; malloc_trim is glibc's")
+def test_a_large_png_costs_its_decoding_only_and_its_memory_is_given_back(ava, photos, tmp_path):
+    """A 6000x6000 PNG (under the reduction threshold: decoded whole, 144 MB as Pillow holds RGB) raises
+    the peak by about its own size, no copy of it, and the resident memory falls back afterwards."""
+    _, _, ckpt = ava
+    big = tmp_path / "big.png"
+    big.write_bytes(_gradient_png(6000, 6000))
+    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(ckpt), str(photos[0]), str(big)], cwd=REPO,
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    status, before, after, peak = out.stdout.split()[-4:]
+    before, after, peak = int(before), int(after), int(peak)
+    assert status == "scored"
+    assert peak - before < 144 * 1.6, f"peak {peak} MB from {before} MB: more than one decoded copy"
+    assert after - before < 40, f"{after - before} MB kept after the request (from {before} MB)"
+
+
+# --------------------------------------------------------------------------- CSV, JSON, Host, options
+
+def test_csv_cells_a_spreadsheet_would_run_are_neutralised(ava, photos):
+    """Names and errors starting with = + - @ tab or CR come back as text (a leading '), numbers unchanged."""
+    server, _, _ = ava
+    names = ["+cmd|calc.jpg", "=1+2.jpg", "-x.jpg", "@SUM(A1).jpg", "'quoted.jpg"]
+    files = [(n, photos[0].read_bytes()) for n in names[:4]]
+    text = post_files(f"{server.url}/api/score?format=csv", files).text
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert [r["image"] for r in rows] == ["'" + n for n in names[:4]]
+    assert all(float(r["score"]) > 0 and float(r["p1"]) > 0 for r in rows)
+    sent = [{"image": n, "score": 5.0, "std": 1.0, **{f"p{k}": 0.1 for k in range(1, 11)}, "error": ""} for n in names]
+    sent.append({"image": "a.jpg", "score": None, "error": "=HYPERLINK(\"http://x\")"})
+    sent.append({"image": "b.jpg", "score": None, "error": "\tcmd"})
+    back = requests.post(f"{server.url}/api/csv", json={"results": sent}, timeout=30)
+    rows = list(csv.DictReader(io.StringIO(back.text)))
+    assert [r["image"] for r in rows] == ["'" + n for n in names] + ["a.jpg", "b.jpg"]
+    assert [r["error"] for r in rows[-2:]] == ["'=HYPERLINK(\"http://x\")", "'\tcmd"]
+    assert rows[0]["score"] == "5.0" and rows[0]["std"] == "1.0"
+
+
+def test_deeply_nested_json_gets_a_4xx_detail_and_no_traceback(ava):
+    server, _, _ = ava
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(level=logging.ERROR)
+    handler.emit = records.append
+    logger = logging.getLogger("uvicorn.error")
+    logger.addHandler(handler)
+    try:
+        for body in ("[" * 100_000, '{"results": ' + "[" * 100_000 + "]" * 100_000 + "}"):
+            answer = requests.post(f"{server.url}/api/csv", data=body, timeout=30,
+                                   headers={"Content-Type": "application/json"})
+            assert answer.status_code == 400 and "nested too deeply" in answer.json()["detail"], answer.text[:300]
+    finally:
+        logger.removeHandler(handler)
+    assert not records, [r.getMessage() for r in records]
+    assert_up(server)
+
+
+@pytest.mark.parametrize("host, status", [
+    ("evil.example", 400), ("evil.example:8000", 400), ("127.0.0.1.evil.example", 400), ("", 400),
+    ("localhost:1", 200), ("::1", 400), ("127.0.0.1:99999", 400),
+    ("127.0.0.1", 200), ("LOCALHOST", 200), ("[::1]:8000", 200), ("localhost:8000", 200),
+])
+def test_only_requests_for_this_servers_names_are_answered(ava, host, status):
+    """A page elsewhere reaching the server by DNS rebinding sends its own name as Host: 400."""
+    server, _, _ = ava
+    answer = requests.get(f"{server.url}/api/info", headers={"Host": host}, timeout=10)
+    assert answer.status_code == status, (host, answer.text)
+    if status == 400:
+        assert "is not a name this server answers to" in answer.json()["detail"]
+        assert "default-src 'self'" in answer.headers["content-security-policy"]
+
+
+def test_the_host_names_of_a_server_started_for_another_address():
+    assert serve.served_hosts("127.0.0.1") == (("127.0.0.1",), False)
+    assert serve.served_hosts("mybox.lan") == (("mybox.lan",), False)
+    names, any_address = serve.served_hosts("0.0.0.0")
+    assert any_address and socket.gethostname() in names
+
+
+@pytest.mark.parametrize("hosts, any_address, host, status", [
+    (("mybox.lan",), False, "mybox.lan:8000", 200),
+    (("mybox.lan",), False, "192.168.1.20:8000", 400),
+    (("mybox",), True, "192.168.1.20:8000", 200),
+    (("mybox",), True, "[fe80::1]:8000", 200),
+    (("mybox",), True, "evil.example", 400),
+])
+def test_a_server_for_other_addresses_answers_them_only(ava, hosts, any_address, host, status):
+    _, scorer, _ = ava
+    server = Server(create_app(scorer, LIMITS, hosts=hosts, any_address=any_address))
+    try:
+        assert requests.get(f"{server.url}/api/info", headers={"Host": host}, timeout=10).status_code == status
+        assert requests.get(f"{server.url}/api/info", timeout=10).status_code == 200  # 127.0.0.1 always
+    finally:
+        server.stop()
+
+
+def test_a_port_outside_0_to_65535_is_refused_in_one_line(capsys):
+    for port in ("99999", "-1", "65536", "http"):
+        with pytest.raises(SystemExit) as caught:
+            serve.main(["--port", port])
+        assert caught.value.code == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert errors == [f"serve.py: error: argument --port: must be a port number 0..65535, got "
+                          f"{port if port.lstrip('-').isdigit() else repr(port)}"], errors
+    assert serve.port_number("0") == 0 and serve.port_number("65535") == 65535
+
+
+def test_a_request_for_one_file_says_so_in_good_grammar(ava):
+    server, _, _ = ava
+    two = post_files(f"{server.url}/api/attention", [("a.jpg", b"1"), ("b.jpg", b"2")], field="file")
+    assert two.status_code == 413 and "too many files: at most 1 per request;" in two.json()["detail"]
+    long = post_files(f"{server.url}/api/attention", [("a.jpg", b"x" * 300_000)], field="file")
+    assert long.status_code == 413, long.text
+    limit = human_bytes(body_limit(1, LIMITS.max_file_bytes))
+    assert long.json()["detail"] == (f"the request is longer than {limit}, the most that 1 file of at most "
+                                     f"195.3 KB each can take"), long.json()

@@ -174,7 +174,8 @@ def test_cosine_schedule_lowers_the_rates_and_resumes_exactly(tiny, demo_root, t
     groups = a["optimizer"]["param_groups"]
     # 2 epochs of 2 steps: the last step ran at factor (1 + cos(3 pi / 4)) / 2 of the initial rate
     assert all(g["lr"] == pytest.approx(g["initial_lr"] * (1 - 2 ** -0.5) / 2) for g in groups)
-    assert {g["initial_lr"] for g in groups if g["name"] == "mobileNet"} == {option.DATASET_DEFAULTS["demo"]["init_lr_mobileNet"]}
+    assert {g["initial_lr"] for g in groups if g["name"] == "mobileNet"} == {
+        option.DATASET_DEFAULTS["demo"]["init_lr_mobileNet"]}
 
 
 @pytest.mark.slow
@@ -224,7 +225,54 @@ def test_amp_auto_is_resolved_and_logged(tiny, demo_root, tmp_path, monkeypatch)
         saved = json.loads((out / "results.json").read_text())
         assert "precision: " + ("bf16" if native else "float32") in (out / "train.log").read_text()
         assert saved["n_images"] == 2 and saved["evaluation"]["amp"] == ("bf16" if native else "none")
+        assert saved["precision"] == ("bf16" if native else "float32") and saved["evaluation"]["device"] == "cpu"
+        assert saved["hardware"]["cpu"] and saved["hardware"]["torch"] == torch.__version__
     monkeypatch.setattr(main_nni, "cpu_has_native_bf16", lambda: False)
     out = tmp_path / "forced"
     assert run_main(demo_root, out, "--num_epoch", "0", "--amp", "bf16", "--no-fuse_conv", "--max_images", "2") == 0
     assert "emulated on this CPU" in (out / "train.log").read_text()
+
+
+
+def full_disk_for(monkeypatch, name: str, tries: int) -> dict:
+    """The first ``tries`` checkpoint writes of ``name`` find the disk full (as safe_io reports it);
+    ``["writes"]`` counts every write of that name, ``["tries"]`` may be changed."""
+    from safe_io import disk_full_error
+
+    real, disk = main_nni.atomic_torch_save, {"tries": tries, "writes": 0}
+
+    def save(obj, path):
+        if path.name == name:
+            disk["writes"] += 1
+            if disk["writes"] <= disk["tries"]:
+                raise disk_full_error(path, 12_345_678)
+        real(obj, path)
+
+    monkeypatch.setattr(main_nni, "atomic_torch_save", save)
+    monkeypatch.setattr(main_nni, "SAVE_RETRY_WAITS", (0.0, 0.0))
+    return disk
+
+
+def test_a_full_disk_while_saving_is_tried_again(tiny, demo_root, tmp_path, monkeypatch):
+    disk = full_disk_for(monkeypatch, "last.pth", tries=2)
+    assert run_main(demo_root, tmp_path, "--num_epoch", "1") == 0
+    assert disk["writes"] == 3 and safe_torch_load(tmp_path / "last.pth")["epoch"] == 1
+    log = (tmp_path / "train.log").read_text()
+    assert log.count(f"no space left on the device of {tmp_path}: last.pth needs 12.3 MB") == 2
+    assert "trying again in 0 s" in log
+
+
+def test_a_disk_that_stays_full_stops_the_run_resumable(tiny, demo_root, tmp_path, monkeypatch, capsys):
+    assert run_main(demo_root, tmp_path, "--num_epoch", "1") == 0
+    disk = full_disk_for(monkeypatch, "last.pth", tries=99)
+    assert run_main(demo_root, tmp_path, "--num_epoch", "2", "--resume") == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and disk["writes"] == 3
+    last = err.strip().splitlines()[-1]
+    assert f"no space left on the device of {tmp_path}: last.pth needs 12.3 MB" in last
+    assert "epoch 2 of 2" in last and "--resume" in last and str(tmp_path) in last
+    assert last.split(" ", 1)[1] in (tmp_path / "train.log").read_text()
+    assert safe_torch_load(tmp_path / "last.pth")["epoch"] == 1 and not (tmp_path / ".lock").exists()
+    disk["tries"] = 0  # space freed: the command of the message finishes the run
+    assert run_main(demo_root, tmp_path, "--num_epoch", "2", "--resume") == 0
+    assert safe_torch_load(tmp_path / "last.pth")["epoch"] == 2

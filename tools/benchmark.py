@@ -55,6 +55,7 @@ from torch.utils.data import default_collate  # noqa: E402
 from augment import augment_batch  # noqa: E402
 from cache import CachedDataset, build_cache  # noqa: E402
 from dataset import ScoreImageDataset  # noqa: E402
+from demo_data import GenerationError  # noqa: E402
 from engine import amp_dtype, infer, make_loader, train_one_epoch  # noqa: E402
 from models import TANet, conv_fusion_available, fold_batchnorm, fuse_conv_activations  # noqa: E402
 from runtime import ALLOCATORS, cpu_has_native_bf16, resolve_device, seed_everything, tune_cpu_allocator, usable_cpus  # noqa: E402
@@ -72,8 +73,11 @@ def cpu_paths(*, train: bool) -> list[str]:
     names = ["reference", "fp32", "channels_last"] + (["bf16", "bf16+channels_last"] if low else [])
     if train:
         return names
-    names += [f"foldbn+{low}channels_last", f"foldbn+fuse+{low}channels_last", "isolated",
-              f"isolated+foldbn+fuse+{low}channels_last"]
+    # fused convolutions in bf16 need the instructions themselves (TANET_CPU_BF16=1 only emulates bf16)
+    fuse = "fuse+" if conv_fusion_available(amp_dtype("bf16" if low else "none")) else ""
+    names += [f"foldbn+{low}channels_last", f"foldbn+{fuse}{low}channels_last", "isolated",
+              f"isolated+foldbn+{fuse}{low}channels_last"]
+    names = list(dict.fromkeys(names))
     if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnxscript"):
         names.append("onnx")
     return names
@@ -108,7 +112,8 @@ def parse_path(name: str, device: torch.device, *, train: bool) -> ModelPath:
         return ModelPath(name, isolated=True, onnx=True)
     unknown = [t for t in tokens if t not in TOKENS]
     if unknown or len(set(tokens)) != len(tokens):
-        raise ValueError(f"path {name!r}: unknown or repeated part(s) {unknown or tokens}; parts: fp32 or reference alone, "
+        raise ValueError(f"path {name!r}: unknown or repeated part(s) {unknown or tokens}; "
+                         "parts: fp32 or reference alone, "
                          f"or {', '.join(TOKENS)} joined by '+'")
     if "bf16" in tokens and "fp16" in tokens:
         raise ValueError(f"path {name!r}: choose one of bf16 and fp16")
@@ -208,7 +213,8 @@ def build_model(path: ModelPath, device: torch.device, state: dict | None = None
     if path.onnx:  # the export takes a whole checkpoint and builds the isolated model itself
         return model, exported(model)
     if path.isolated:
-        state = {k: v for k, v in model.state_dict().items() if not k.startswith(("res365_last.", "hypernet.", "tygertnet."))}
+        theme_network = ("res365_last.", "hypernet.", "tygertnet.")
+        state = {k: v for k, v in model.state_dict().items() if not k.startswith(theme_network)}
         model = TANet("tad66k", theme_fusion="isolated", theme_network=False)
         model.load_state_dict(state)
     model.freeze_theme_backbone()
@@ -626,6 +632,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="photos of the small run: (large - small) / (time difference) is the steady state")
     e2e.add_argument("--repeats", type=int, default=1, help="runs of each size; the median time counts")
     e2e.add_argument("--predict_args", default="", help="more options for predict.py, e.g. '--draft'")
+    e2e.add_argument("--engines", nargs="+", choices=("local", "ray"), default=["local"],
+                     help="also time the large run with these predict.py --engine values (ray: a local Ray, "
+                          "pip install -r requirements-scale.txt); the peak memory is predict.py's process only")
+    e2e.add_argument("--library", type=int, default=0, metavar="N",
+                     help="also score a library of N tiny 32x32 JPEGs into a CSV with each of --engines: images/s "
+                          "and peak memory (which stays flat in N)")
     e2e.add_argument("--compare_with", nargs="+", default=[], metavar="LABEL=DIR",
                      help="also time the predict.py of these other checkouts (e.g. before=../old, a worktree of an "
                           "earlier commit) on the same photos, interleaved with this one")
@@ -694,6 +706,12 @@ def bench_predict(args, work: Path, log) -> dict:
             "steady_images_per_s": (large - small) / (median[large] - median[small]),
             "peak_memory_mb": {str(n): max(p for _, p in by_n[n]) for n in by_n},
         }
+    result["engines"] = bench_engines(args, work, photos[large], checkpoint, log)
+    if "ray" in args.engines and "this" in result["checkouts"]:  # local: the large run above
+        this = result["checkouts"]["this"]
+        result["engines"][f"{large} photos, local"] = {
+            "images": large, "seconds": this["large_s"], "images_per_s": this["end_to_end_images_per_s"],
+            "peak_memory_mb": this["peak_memory_mb"][str(large)]}
     if "this" in result["checkouts"]:
         for label in checkouts:
             if label != "this":
@@ -702,6 +720,33 @@ def bench_predict(args, work: Path, log) -> dict:
                     key: ours[key] / theirs[key] for key in ("end_to_end_images_per_s", "steady_images_per_s")}
                 result[f"this_vs_{label}"]["one_photo_s"] = ours["one_photo_s"] / theirs["one_photo_s"]
     return result
+
+
+def bench_engines(args, work: Path, photos: Path, checkpoint: Path, log) -> dict:
+    """images/s and peak memory of this checkout's predict.py per --engines on the large run's photos and, with
+    --library N, on N tiny JPEGs."""
+    runs: dict = {}
+    sets = {f"{args.images} photos": photos} if args.engines != ["local"] else {}
+    if args.library:
+        folder = work / f"library_{args.library}"
+        folder.mkdir()
+        rng = np.random.default_rng(1)
+        for i in range(min(100, args.library)):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"t{i:03d}.jpg")
+        for i in range(100, args.library):
+            os.link(folder / f"t{i % 100:03d}.jpg", folder / f"t{i:07d}.jpg")
+        sets[f"{args.library} tiny images"] = folder
+    for name, folder in sets.items():
+        count = sum(1 for _ in folder.iterdir())
+        for engine in args.engines:
+            if folder == photos and engine == "local":
+                continue  # timed as the large run
+            seconds, peak, _ = predict_run(REPO_DIR, folder, checkpoint, work / f"out_{engine}.csv",
+                                           f"{args.predict_args} --engine {engine}")
+            runs[f"{name}, {engine}"] = {"images": count, "seconds": seconds, "images_per_s": count / seconds,
+                                         "peak_memory_mb": peak}
+            log(f"  {name}, --engine {engine}: {count / seconds:.1f} images/s, peak {peak:.0f} MiB")
+    return runs
 
 
 def predict_table(result: dict) -> str:
@@ -713,6 +758,8 @@ def predict_table(result: dict) -> str:
         peak = max(r["peak_memory_mb"].values())
         lines.append(f"{label:<12} {r['one_photo_s']:>10.2f} {r['end_to_end_images_per_s']:>10.1f} "
                      f"{r['steady_images_per_s']:>13.1f} {peak:>9.0f}")
+    for name, r in result.get("engines", {}).items():
+        lines.append(f"{name}: {r['images_per_s']:.1f} images/s end to end, peak {r['peak_memory_mb']:.0f} MiB")
     for key, ratios in result.items():
         if key.startswith("this_vs_"):
             lines.append(f"{key}: end to end {ratios['end_to_end_images_per_s']:.2f}x, steady state "
@@ -789,7 +836,11 @@ def main(argv: list[str] | None = None) -> int:
             fastest = [n for n in report["train"] if "compile" not in n and n != "fp32"]
             acc_train = args.accuracy_train_paths or ([max(fastest, key=report["train"].get)]
                                                       if fastest and not args.accuracy_checkpoint else [])
-            report["accuracy"] = bench_accuracy(args, device, acc_train, eval_names, work, log)
+            try:
+                report["accuracy"] = bench_accuracy(args, device, acc_train, eval_names, work, log)
+            except GenerationError as exc:  # a --demo_root holding the user's files: left as it was
+                print(f"benchmark.py: error: {exc}", file=sys.stderr)
+                return 2
     report["seconds"] = time.perf_counter() - started
     print(table(report))
     if args.json:

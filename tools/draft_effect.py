@@ -10,7 +10,6 @@ two, and with ``--csv`` (image,score) each one's SRCC against the true scores (o
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ if str(REPO_DIR) not in sys.path:  # run as `python tools/draft_effect.py`
     sys.path.insert(0, str(REPO_DIR))
 
 from console import one_line  # noqa: E402
+from safe_io import atomic_save_json  # noqa: E402
 from dataset import DataError, read_score_csv  # noqa: E402
 from scoring import Scorer, ScoringError, collect_images  # noqa: E402
 from util import srcc  # noqa: E402
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in out.items():
         print(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}")
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+        atomic_save_json(out, args.json)
     return 0
 
 

@@ -30,8 +30,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import report  # noqa: E402
-from demo_data import ensure_demo_dataset  # noqa: E402
-from safe_io import atomic_save_json  # noqa: E402
+from demo_data import GenerationError, ensure_demo_dataset  # noqa: E402
+from safe_io import atomic_save_json, json_text  # noqa: E402
 
 RUN_FLAGS = ["--quiet", "--no_report", "--seed", "0"]
 
@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="folder for gpu_checks.log, summary.json and bench_gpu.json")
     p.add_argument("--device", default="cuda")
     p.add_argument("--skip", nargs="+", choices=("ddp", "nccl", "bench", "data", "cache"), default=[],
-                   help="steps to leave out (nccl: the NCCL refusal of the ddp step; data: the benchmark's input pipeline)")
+                   help="steps to leave out (nccl: the NCCL refusal of the ddp step; "
+                        "data: the benchmark's input pipeline)")
     p.add_argument("--steps", type=int, default=5, help="timed benchmark steps per path")
     p.add_argument("--bench_batch", type=int, default=40, help="benchmark's --batch_size")
     p.add_argument("--bench_paths", nargs="+", default=["fp32", "channels_last", "bf16+channels_last",
@@ -202,7 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     with tempfile.TemporaryDirectory(prefix="tanet-gpu-checks-") as tmp:
         root = args.demo_root or (Path(tmp) / "demo" if args.quick else None)
-        demo = ensure_demo_dataset(root, n_train=args.demo_images[0], n_test=args.demo_images[1])
+        try:
+            demo = ensure_demo_dataset(root, n_train=args.demo_images[0], n_test=args.demo_images[1])
+        except GenerationError as exc:  # a --demo_root that holds the user's files: left as it was
+            print(f"gpu_checks.py: error: {exc}", file=sys.stderr)
+            return 2
         for name, step in (("ddp", lambda: check_ddp(c, args, Path(tmp), demo)),
                            ("bench", lambda: check_bench(c, args, Path(tmp))),
                            ("cache", lambda: check_cache(c, args, Path(tmp), demo))):
@@ -215,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                 failed.append(name)
     c.summary["failed"] = failed
     c.save()
-    c.log(json.dumps({k: v for k, v in c.summary.items() if k != "bench"}, indent=1))
+    c.log(json_text({k: v for k, v in c.summary.items() if k != "bench"}, indent=1))
     return 1 if failed else 0
 
 

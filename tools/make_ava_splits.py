@@ -1,7 +1,8 @@
 """Build a fallback AVA training CSV in the reference format from the public AVA.txt.
 
 The reference's own training CSV is the authors' code/AVA/dataset/train.csv (put it into data/AVA/
-when you have it). This keeps the reference's shipped test.csv and val.csv as they are and writes train.csv = every AVA.txt image in neither of them (minus the ids
+when you have it). This keeps the reference's shipped test.csv and val.csv as they are and writes train.csv = every
+AVA.txt image in neither of them (minus the ids
 you exclude and, with --image_dir, images missing from your copy), sorted by image_id.
 
     python tools/make_ava_splits.py --ava_txt /path/to/AVA.txt [--image_dir /path/to/images]

@@ -5,7 +5,8 @@
     python tools/paper_tables.py ablation --seeds 0 1 2 --out DIR  [main_nni.py data and recipe options]
 
 ``ablation`` is Table 5 (APNet, + TUNet, + RGBNet, TANet; ablation.py): every variant trained and tested by
-main_nni.py with the options that follow, over the seeds. ``personalized`` is Table 4 (personalized aesthetics on FLICKR-AES; the protocol is in personalize.py).
+main_nni.py with the options that follow, over the seeds. ``personalized`` is Table 4 (personalized aesthetics on
+FLICKR-AES; the protocol is in personalize.py).
 Without ``--generic`` the generic model is trained first with main_nni.py into OUT/generic. Interrupt it
 at any time and run the same command again: it continues with the workers not yet done.
 A subcommand is a pair ``add_<name>_parser(subparsers)`` / ``run_<name>(args)``; the protocols live in
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,7 +29,7 @@ import option  # noqa: E402
 from ablation import AblationError, run_table  # noqa: E402
 from console import one_line  # noqa: E402
 from dataset import DataError  # noqa: E402
-from flickr_aes import RatedImageDataset, image_folder, load_split  # noqa: E402
+from flickr_aes import RatedImageDataset, WorkerSplit, image_folder, load_split  # noqa: E402
 from image_check import check_images  # noqa: E402
 from models import load_tanet, resolve_weights  # noqa: E402
 from personal_data import DEFAULT_ROOT, TEST_WORKERS_FILE, ensure_personal_dataset  # noqa: E402
@@ -42,11 +42,12 @@ from personalize import (  # noqa: E402
     Recipe,
     ResultStore,
     extract_features,
+    images_record,
     run_protocol,
     write_outputs,
 )
 from runlock import RunLock, RunLockedError  # noqa: E402
-from runtime import default_loader_workers, resolve_device  # noqa: E402
+from runtime import default_loader_workers, resolve_device, run_tied_child, stopped_by_signal  # noqa: E402
 from safe_io import CheckpointError, remove_stale_temp_files, sha256_file  # noqa: E402
 
 log = logging.getLogger("paper_tables")
@@ -80,6 +81,10 @@ def add_personalized_parser(subparsers: argparse._SubParsersAction) -> argparse.
     model.add_argument("--generic", default=None,
                        help="TANet checkpoint (tad66k variant) of the generic model; default: train one with "
                             "main_nni.py --dataset flickr_aes into OUT/generic (the demo's recipe for --dataset demo)")
+    model.add_argument("--checkpoints_dir", default=None,
+                       help="folder of weight files, where a released --generic is looked for (default: "
+                            "$TANET_CHECKPOINTS or checkpoints/)")
+    model.add_argument("--download", action="store_true", help="download a released --generic that is not there yet")
     model.add_argument("--generic_epochs", type=int, default=None,
                        help="epochs when training the generic model (default: main_nni.py's for the data set)")
     model.add_argument("--theme_fusion", choices=("batch", "isolated"), default="batch",
@@ -152,33 +157,48 @@ def generic_training_command(args: argparse.Namespace, flickr_dir: Path, test_wo
     return cmd
 
 
+def given_generic(args: argparse.Namespace) -> Path | None:
+    """The file of ``--generic`` (a released one looked for in --checkpoints_dir, and downloaded with
+    --download), or None without it."""
+    if not args.generic:
+        return None
+    return resolve_weights(args.generic, directory=args.checkpoints_dir, download_missing=args.download,
+                           progress=not args.quiet)
+
+
 def generic_checkpoint(args: argparse.Namespace, flickr_dir: Path, test_workers: Path, out: Path) -> Path:
     """``--generic``, or the best checkpoint of the generic model trained in OUT/generic (trained, or its
     interrupted training continued, first)."""
     if args.generic:
-        return resolve_weights(args.generic)
+        return given_generic(args)
     folder = out / GENERIC_DIR
     if not (folder / "results.json").is_file():
         cmd = generic_training_command(args, flickr_dir, test_workers, folder)
         log.info("training the generic model: %s", shlex.join(cmd))
-        if subprocess.run(cmd).returncode != 0:
-            raise RuntimeError(f"training the generic model failed (see {folder / 'train.log'}); run the same "
-                               f"command again to continue it")
+        code = run_tied_child(cmd)
+        if stopped_by_signal(code):
+            raise RuntimeError(f"training the generic model was stopped (exit {code}); run the same command again "
+                               f"to continue it")
+        if code != 0:
+            raise RuntimeError(f"training the generic model failed (exit {code}; main_nni.py's message above says "
+                               f"why, its log is in {folder})")
     for name in ("best.pth", "last.pth"):
         if (folder / name).is_file():
             return folder / name
     raise CheckpointError(f"{folder} holds no best.pth or last.pth of the generic model")
 
 
-def _settings(args: argparse.Namespace, protocol: Protocol, flickr_dir: Path, test_workers: Path) -> dict:
+def _settings(args: argparse.Namespace, protocol: Protocol, flickr_dir: Path, test_workers: Path,
+              split: WorkerSplit) -> dict:
     from dataclasses import asdict
 
-    generic = {"sha256": sha256_file(resolve_weights(args.generic))} if args.generic else \
+    generic = {"sha256": sha256_file(given_generic(args))} if args.generic else \
         {"trained_in": GENERIC_DIR, "epochs": args.generic_epochs}
     return {"protocol": {**asdict(protocol), "shots": list(protocol.shots)}, "dataset": args.dataset,
             "ratings_sha256": sha256_file(flickr_dir / "FLICKR-AES_image_labeled_by_each_worker.csv"),
             "test_workers_sha256": sha256_file(test_workers), "generic": generic,
-            "theme_fusion": args.theme_fusion, "eval_batch_size": args.eval_batch_size}
+            "theme_fusion": args.theme_fusion, "eval_batch_size": args.eval_batch_size,
+            "images": images_record(image_folder(flickr_dir, args.path_to_images), split.test["image"].tolist())}
 
 
 def run_personalized(args: argparse.Namespace) -> int:
@@ -197,7 +217,7 @@ def run_personalized(args: argparse.Namespace) -> int:
     with RunLock(out):
         for folder in (out, out / WORKERS_DIR):
             remove_stale_temp_files(folder)  # partial files of a killed run
-        store = ResultStore(out, _settings(args, protocol, flickr_dir, test_workers)).open()
+        store = ResultStore(out, _settings(args, protocol, flickr_dir, test_workers, split)).open()
         checkpoint = generic_checkpoint(args, flickr_dir, test_workers, out)
         model, meta = load_tanet(checkpoint, theme_fusion=args.theme_fusion)
         model.to(device)
@@ -207,7 +227,7 @@ def run_personalized(args: argparse.Namespace) -> int:
         batch = args.eval_batch_size or int((meta.get("options") or {}).get("eval_batch_size") or 40)
         images = RatedImageDataset(split.test, split.ratings_csv, image_folder(flickr_dir, args.path_to_images),
                                    train=False)
-        check_images(images, mode=args.check_images, split="test", progress=not args.quiet)
+        check_images(images, mode=args.check_images, split="test", progress=not args.quiet, offer_skip=False)
         workers = default_loader_workers() if args.num_workers is None else args.num_workers
         features = store.features(lambda: extract_features(
             model, images, device=device, batch_size=batch, num_workers=workers, fold_bn=args.fold_bn,

@@ -2,12 +2,13 @@
 
 At most ``max_files`` files are kept, each in memory only up to ``max_file_bytes``: a larger file's
 bytes are read in chunks and dropped (it gets a per-file error), and a body longer than the limits
-allow is refused before it is read further. Nothing is written to disk; client file names are labels.
+allow is refused before it is read further. A body must arrive whole before its deadline (408 after).
+Nothing is written to disk; client file names are labels.
 """
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from python_multipart.exceptions import FormParserError
@@ -18,7 +19,7 @@ from console import safe_text
 
 MAX_NAME = 200  # characters of a file name kept as its label
 PART_OVERHEAD = 16 << 10  # bytes of boundary and headers allowed per part on top of its data
-IDLE_TIMEOUT_S = 60.0  # a body that sends nothing for this long is dropped
+BODY_TIMEOUT_S = 60.0  # a body not whole this long after its request began is dropped (408)
 
 
 @dataclass
@@ -58,20 +59,33 @@ def label(raw: bytes | None, number: int) -> str:
     return text or f"file {number}"
 
 
+def _files(n: int) -> str:
+    return "1 file" if n == 1 else f"{n} files"
+
+
 def body_limit(max_files: int, max_file_bytes: int) -> int:
     """The longest body read: every file at its limit, plus room for boundaries and headers."""
     return max_files * (max_file_bytes + PART_OVERHEAD) + PART_OVERHEAD
 
 
-async def _chunks(request: Request, idle_timeout: float) -> AsyncIterator[bytes]:
+def body_deadline(timeout: float = BODY_TIMEOUT_S) -> float:
+    """The event-loop time by which a body starting now must have arrived whole."""
+    return asyncio.get_running_loop().time() + timeout
+
+
+async def _chunks(request: Request, deadline: float | None) -> AsyncIterator[bytes]:
+    loop = asyncio.get_running_loop()
+    if deadline is None:
+        deadline = body_deadline()
     stream = request.stream()
     while True:
         try:
-            chunk = await asyncio.wait_for(stream.__anext__(), idle_timeout)
+            chunk = await asyncio.wait_for(stream.__anext__(), max(deadline - loop.time(), 0.0))
         except StopAsyncIteration:
             return
         except asyncio.TimeoutError:
-            raise UploadError(408, f"the upload sent nothing for {idle_timeout:.0f} s and was dropped") from None
+            raise UploadError(408, "the request body did not arrive in time and was dropped: the server waits "
+                                   "for a whole body for a limited time (serve.py --body_timeout)") from None
         except ClientDisconnect:
             raise UploadError(400, "the client disconnected during the upload") from None
         yield chunk
@@ -145,9 +159,11 @@ class _Collector:
 
 
 async def read_uploads(request: Request, *, field: str, max_files: int, max_file_bytes: int,
-                       idle_timeout: float = IDLE_TIMEOUT_S) -> list[Upload]:
+                       deadline: float | None = None, charge: Callable[[int], None] | None = None) -> list[Upload]:
     """The files of the multipart field ``field``, in order; UploadError for a request that is not
-    multipart, names another field, holds no file or too many, or is longer than the limits allow."""
+    multipart, names another field, holds no file or too many, is longer than the limits allow, or
+    whose body is not whole by ``deadline`` (``body_deadline``; default: ``BODY_TIMEOUT_S`` from now).
+    ``charge(n)`` is told of every ``n`` bytes received (and may raise to stop)."""
     kind, options = parse_options_header(request.headers.get("content-type"))
     if kind != b"multipart/form-data":
         raise UploadError(415, f"send the images as multipart/form-data, each in a field named {field!r} "
@@ -160,11 +176,13 @@ async def read_uploads(request: Request, *, field: str, max_files: int, max_file
     try:
         parser = MultipartParser(boundary, collector.callbacks())
         received = 0
-        async for chunk in _chunks(request, idle_timeout):
+        async for chunk in _chunks(request, deadline):
             received += len(chunk)
             if received > limit:
-                raise UploadError(413, f"the request is longer than {human_bytes(limit)}, the most "
-                                       f"{max_files} files of at most {human_bytes(max_file_bytes)} can take")
+                raise UploadError(413, f"the request is longer than {human_bytes(limit)}, the most that "
+                                       f"{_files(max_files)} of at most {human_bytes(max_file_bytes)} each can take")
+            if charge is not None:
+                charge(len(chunk))
             parser.write(chunk)
         parser.finalize()
     except FormParserError as exc:
@@ -177,11 +195,12 @@ async def read_uploads(request: Request, *, field: str, max_files: int, max_file
     return collector.uploads
 
 
-async def drain(request: Request, limit: int, idle_timeout: float = IDLE_TIMEOUT_S) -> None:
-    """Read and drop up to ``limit`` bytes of the body, so that a refusal reaches a client still sending."""
+async def drain(request: Request, limit: int, deadline: float | None = None) -> None:
+    """Read and drop up to ``limit`` bytes of the body until ``deadline``, so that a refusal reaches a
+    client still sending."""
     received = 0
     try:
-        async for chunk in _chunks(request, idle_timeout):
+        async for chunk in _chunks(request, deadline):
             received += len(chunk)
             if received > limit:
                 return
@@ -189,11 +208,15 @@ async def drain(request: Request, limit: int, idle_timeout: float = IDLE_TIMEOUT
         return
 
 
-async def read_body(request: Request, limit: int, idle_timeout: float = IDLE_TIMEOUT_S) -> bytes:
-    """The whole body of a small request; UploadError 413 beyond ``limit`` bytes."""
+async def read_body(request: Request, limit: int, deadline: float | None = None,
+                    charge: Callable[[int], None] | None = None) -> bytes:
+    """The whole body of a small request; UploadError 413 beyond ``limit`` bytes, 408 if not whole by
+    ``deadline``; ``charge`` as for ``read_uploads``."""
     body = bytearray()
-    async for chunk in _chunks(request, idle_timeout):
+    async for chunk in _chunks(request, deadline):
         if len(body) + len(chunk) > limit:
             raise UploadError(413, f"the request is longer than {human_bytes(limit)}")
+        if charge is not None:
+            charge(len(chunk))
         body += chunk
     return bytes(body)

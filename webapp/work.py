@@ -11,39 +11,66 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from images import DataError, decode_image
+from images import DataError, PixelBudget, decode_image
 from presets import NUM_BINS
 from report.figures import ScoredImage, png_bytes, rgb_attention_figure
 from report.passes import rgb_attention_inputs
+from runtime import release_free_memory
 from scoring import Scorer, ScoreResult, output_columns, result_rows, write_csv_rows
 
 from .uploads import Upload
 
+# An upload of more pixels is decoded reduced (images.decode_image): the model sees 224x224. Photos
+# of up to 50 million pixels (8660x5773) are decoded exactly as predict.py decodes them.
+REDUCE_ABOVE_PIXELS = 50_000_000
+# After a request that decoded more pixels than this, the freed memory is given back to the system.
+RELEASE_AFTER_PIXELS = 16_000_000
 
-def prepare(scorer: Scorer, upload: Upload) -> Tensor:
-    """An upload decoded from memory as ``load_image`` decodes files, then the scorer's transform;
-    DataError naming the file if it cannot be."""
+
+class AttentionUnavailable(Exception):
+    """The RGB-attention figure needs the PyTorch model (not an ONNX export)."""
+
+
+def has_attention(scorer: Scorer) -> bool:
+    """Whether ``scorer`` can draw the RGB-attention figure (a PyTorch TANet; an ONNX export cannot)."""
+    return isinstance(scorer.model, torch.nn.Module)
+
+
+def prepare(scorer: Scorer, upload: Upload, budget: PixelBudget | None = None) -> Tensor:
+    """An upload decoded from memory as ``load_image`` decodes files (reduced above REDUCE_ABOVE_PIXELS,
+    its pixels charged to ``budget``), then the scorer's transform; DataError naming the file if it cannot be."""
     if upload.error is not None:
         raise DataError(upload.error)
     try:
-        return scorer.transform(decode_image(upload.data, upload.name))
+        return scorer.transform(decode_image(upload.data, upload.name, reduce_above=REDUCE_ABOVE_PIXELS,
+                                             budget=budget))
     except DataError:
         raise
     except Exception as exc:  # noqa: BLE001 - one bad image must not stop the others
         raise DataError(f"image file {upload.name} could not be prepared: {type(exc).__name__}: {exc}") from None
 
 
-def score_uploads(scorer: Scorer, uploads: Sequence[Upload]) -> list[ScoreResult]:
+def _release_after(budget: PixelBudget) -> None:
+    if budget.limit - budget.left > RELEASE_AFTER_PIXELS:
+        release_free_memory()
+
+
+def score_uploads(scorer: Scorer, uploads: Sequence[Upload], max_pixels: int | None = None) -> list[ScoreResult]:
     """One result per upload, in order; each file is decoded and transformed alone (its bytes then
-    dropped), and the good ones are scored together by ``Scorer.score_detailed``."""
+    dropped), and the good ones are scored together by ``Scorer.score_detailed``. Files beyond
+    ``max_pixels`` decoded pixels in all get an error."""
     tensors: list[Tensor] = []
     errors: dict[int, str] = {}
-    for i, upload in enumerate(uploads):
-        try:
-            tensors.append(prepare(scorer, upload))
-        except DataError as exc:
-            errors[i] = str(exc)
-        upload.data = None
+    budget = PixelBudget(max_pixels if max_pixels is not None else 1 << 62)
+    try:
+        for i, upload in enumerate(uploads):
+            try:
+                tensors.append(prepare(scorer, upload, budget))
+            except DataError as exc:
+                errors[i] = str(exc)
+            upload.data = None
+    finally:
+        _release_after(budget)
     scored = iter(scorer.score_detailed(torch.stack(tensors)) if tensors else ())
     results = []
     for i, upload in enumerate(uploads):
@@ -59,8 +86,15 @@ def score_uploads(scorer: Scorer, uploads: Sequence[Upload]) -> list[ScoreResult
 def attention_png(scorer: Scorer, upload: Upload) -> bytes:
     """The report's RGB-attention figure of one upload (its input, 12x12 patch colours and their
     similarity), titled with its predicted score; DataError if the file cannot be decoded."""
-    x = prepare(scorer, upload)
-    upload.data = None
+    if not has_attention(scorer):
+        raise AttentionUnavailable("the RGB-attention figure needs a PyTorch checkpoint (.pth); this server "
+                                   "scores with an ONNX export, which has no attention maps")
+    budget = PixelBudget(1 << 62)
+    try:
+        x = prepare(scorer, upload, budget)
+    finally:
+        upload.data = None
+        _release_after(budget)
     result = scorer.score_detailed(x.unsqueeze(0))[0]
     inputs, patches, similarity = rgb_attention_inputs(scorer.model, [{"image": x}], [0], scorer.device)
     score = math.nan if result.score is None else result.score

@@ -168,12 +168,14 @@ function card(item, rank) {
   meter.append(fill);
   body.append(meter);
   if (state.info.variant === "ava") body.append(distribution(row));
-  const actions = el("div", "actions");
-  const button = el("button", "quiet attention", "RGB attention");
-  button.type = "button";
-  button.addEventListener("click", () => showAttention(item));
-  actions.append(button);
-  body.append(actions);
+  if (state.info.attention) {  // an ONNX export has no attention maps
+    const actions = el("div", "actions");
+    const button = el("button", "quiet attention", "RGB attention");
+    button.type = "button";
+    button.addEventListener("click", () => showAttention(item));
+    actions.append(button);
+    body.append(actions);
+  }
   li.append(body);
   return li;
 }
