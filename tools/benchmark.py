@@ -638,15 +638,19 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--library", type=int, default=0, metavar="N",
                      help="also score a library of N tiny 32x32 JPEGs into a CSV with each of --engines: images/s "
                           "and peak memory (which stays flat in N)")
+    e2e.add_argument("--light_python", default=None, metavar="PYTHON",
+                     help="also time one photo scored with an .onnx export under this interpreter: a venv made "
+                          "from requirements-score.txt (no torch), or 'same' for this one")
     e2e.add_argument("--compare_with", nargs="+", default=[], metavar="LABEL=DIR",
                      help="also time the predict.py of these other checkouts (e.g. before=../old, a worktree of an "
                           "earlier commit) on the same photos, interleaved with this one")
     return p
 
 
-def predict_run(repo: Path, photos: Path, checkpoint: Path, out: Path, extra: str) -> tuple[float, float, str]:
+def predict_run(repo: Path, photos: Path, checkpoint: Path, out: Path, extra: str,
+                python: str = sys.executable) -> tuple[float, float, str]:
     """(wall seconds, peak resident MiB, stderr) of one ``predict.py`` child process over ``photos``."""
-    cmd = [sys.executable, str(repo / "predict.py"), str(photos), "--path_to_model_weight", str(checkpoint),
+    cmd = [python, str(repo / "predict.py"), str(photos), "--path_to_model_weight", str(checkpoint),
            "--output", str(out), "--quiet", *shlex.split(extra)]
     started = time.perf_counter()
     with open(os.devnull, "w") as devnull:
@@ -707,6 +711,8 @@ def bench_predict(args, work: Path, log) -> dict:
             "peak_memory_mb": {str(n): max(p for _, p in by_n[n]) for n in by_n},
         }
     result["engines"] = bench_engines(args, work, photos[large], checkpoint, log)
+    if args.light_python:
+        result["light"] = bench_light(args, work, photos[1], checkpoint, log)
     if "ray" in args.engines and "this" in result["checkouts"]:  # local: the large run above
         this = result["checkouts"]["this"]
         result["engines"][f"{large} photos, local"] = {
@@ -720,6 +726,23 @@ def bench_predict(args, work: Path, log) -> dict:
                     key: ours[key] / theirs[key] for key in ("end_to_end_images_per_s", "steady_images_per_s")}
                 result[f"this_vs_{label}"]["one_photo_s"] = ours["one_photo_s"] / theirs["one_photo_s"]
     return result
+
+
+def bench_light(args, work: Path, photo: Path, checkpoint: Path, log) -> dict:
+    """One photo scored end to end with an ``.onnx`` export of the checkpoint under ``--light_python`` (the
+    interpreter of a venv made from requirements-score.txt), median over ``--repeats``."""
+    from export import export_onnx
+
+    model = work / "tanet.onnx"
+    export_onnx(checkpoint, model)
+    python = sys.executable if args.light_python == "same" else args.light_python
+    times = []
+    for i in range(args.repeats):
+        seconds, peak, _ = predict_run(REPO_DIR, photo, model, work / f"out_light_{i}.csv", "", python=python)
+        times.append((seconds, peak))
+        log(f"  one photo, .onnx with {python}: {seconds:.2f} s, peak {peak:.0f} MiB")
+    return {"python": python, "one_photo_s": statistics.median(t for t, _ in times),
+            "peak_memory_mb": max(p for _, p in times)}
 
 
 def bench_engines(args, work: Path, photos: Path, checkpoint: Path, log) -> dict:
@@ -758,6 +781,10 @@ def predict_table(result: dict) -> str:
         peak = max(r["peak_memory_mb"].values())
         lines.append(f"{label:<12} {r['one_photo_s']:>10.2f} {r['end_to_end_images_per_s']:>10.1f} "
                      f"{r['steady_images_per_s']:>13.1f} {peak:>9.0f}")
+    if "light" in result:
+        light = result["light"]
+        lines.append(f"one photo, .onnx on {light['python']}: {light['one_photo_s']:.2f} s, "
+                     f"peak {light['peak_memory_mb']:.0f} MiB")
     for name, r in result.get("engines", {}).items():
         lines.append(f"{name}: {r['images_per_s']:.1f} images/s end to end, peak {r['peak_memory_mb']:.0f} MiB")
     for key, ratios in result.items():
