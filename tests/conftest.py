@@ -45,3 +45,21 @@ def personal_root(tmp_path_factory):
 
     return ensure_personal_dataset(tmp_path_factory.mktemp("personal") / "demo", n_generic=12, n_workers=9,
                                    n_test_workers=3, test_worker_images=(14, 16), size=64)
+
+
+@pytest.fixture(scope="session")
+def golden_onnx(tmp_path_factory):
+    """{variant: (checkpoint, .onnx)} of golden-weight TANets: one real export per session (slow)."""
+    for module in ("onnx", "onnxruntime", "onnxscript"):
+        pytest.importorskip(module, reason=f"the ONNX tests need {module} (pip install -r requirements-deploy.txt)")
+    from export import export_onnx
+    from golden import golden_state_dict
+
+    root = tmp_path_factory.mktemp("onnx")
+    files = {}
+    for variant in ("tad66k", "ava"):
+        checkpoint = root / f"{variant}.pth"
+        torch.save({"model": golden_state_dict(variant), "variant": variant}, checkpoint)
+        export_onnx(checkpoint, root / f"{variant}.onnx")
+        files[variant] = (checkpoint, root / f"{variant}.onnx")
+    return files

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import predict
-from export import ExportError, OnnxModel, export_onnx, metadata, read_metadata
+from export import ExportError, OnnxModel, metadata, read_metadata
 from golden import golden_input, golden_state_dict
 from models import TANet
 from scoring import Scorer, ScoringError
@@ -28,17 +28,9 @@ def needs_extra():
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(golden_onnx):
     """{variant: (checkpoint, .onnx)} of golden-weight TANets."""
-    needs_extra()
-    root = tmp_path_factory.mktemp("onnx")
-    files = {}
-    for variant in ("tad66k", "ava"):
-        ckpt = root / f"{variant}.pth"
-        torch.save({"model": golden_state_dict(variant), "variant": variant}, ckpt)
-        export_onnx(ckpt, root / f"{variant}.onnx")
-        files[variant] = (ckpt, root / f"{variant}.onnx")
-    return files
+    return golden_onnx
 
 
 @pytest.mark.slow

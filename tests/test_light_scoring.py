@@ -127,23 +127,9 @@ def test_a_folder_or_a_missing_file_as_the_onnx_model(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(golden_onnx):
     """{variant: (checkpoint, .onnx)} of golden-weight TANets (a real export: slow)."""
-    for module in ("onnx", "onnxruntime", "onnxscript"):
-        pytest.importorskip(module, reason=f"the export needs {module} (pip install -r requirements-deploy.txt)")
-    import torch
-
-    from export import export_onnx
-    from golden import golden_state_dict
-
-    root = tmp_path_factory.mktemp("light")
-    files = {}
-    for variant in ("tad66k", "ava"):
-        checkpoint = root / f"{variant}.pth"
-        torch.save({"model": golden_state_dict(variant), "variant": variant}, checkpoint)
-        export_onnx(checkpoint, root / f"{variant}.onnx")
-        files[variant] = (checkpoint, root / f"{variant}.onnx")
-    return files
+    return golden_onnx
 
 
 @pytest.mark.slow

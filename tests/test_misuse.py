@@ -230,12 +230,11 @@ def test_control_characters_in_names_reach_no_terminal_or_log(data, tmp_path, ca
 
 # --------------------------------------------------------------------------- 9, 11, 13: messages
 
-@pytest.mark.slow
-def test_ctrl_c_prints_one_line_with_the_resume_command(data, tmp_path):
-    out = tmp_path / "R"
+def _training_paused_in_epoch_2(data, out) -> subprocess.Popen:
+    """main_nni.py on TinyTANet in a child that prints READY after epoch 1 and then waits (a signal's moment)."""
     script = textwrap.dedent("""
         import signal, sys, time, main_nni, engine
-        from reliability_helpers import TinyTANet, write_csv_data, write_jpeg
+        from reliability_helpers import TinyTANet
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell's background job inherits it ignored
         main_nni.TANet = TinyTANet
         real = engine.train_one_epoch
@@ -249,8 +248,14 @@ def test_ctrl_c_prints_one_line_with_the_resume_command(data, tmp_path):
         sys.exit(main_nni.main(sys.argv[1:]))
     """)
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
-    proc = subprocess.Popen([sys.executable, "-c", script, *argv(data, out, "--num_epoch", "3")], cwd=REPO,
+    return subprocess.Popen([sys.executable, "-c", script, *argv(data, out, "--num_epoch", "3")], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.mark.slow
+def test_ctrl_c_prints_one_line_with_the_resume_command(data, tmp_path):
+    out = tmp_path / "R"
+    proc = _training_paused_in_epoch_2(data, out)
     assert proc.stdout.readline().strip() == "READY"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -265,23 +270,7 @@ def test_ctrl_c_prints_one_line_with_the_resume_command(data, tmp_path):
 def test_sigterm_is_ctrl_c_one_line_the_lock_released_and_exit_143(data, tmp_path, tiny):
     """A scheduler, kill or NNI stopping a trial sends SIGTERM: the run stops as on Ctrl-C, exit 128 + 15."""
     out = tmp_path / "R"
-    script = textwrap.dedent("""
-        import sys, time, main_nni, engine
-        from reliability_helpers import TinyTANet
-        main_nni.TANet = TinyTANet
-        real = engine.train_one_epoch
-        def slow(*a, **k):
-            loss = real(*a, **k)
-            if k.get("epoch", 0) >= 1:
-                print("READY", flush=True)
-                time.sleep(60)
-            return loss
-        main_nni.train_one_epoch = slow
-        sys.exit(main_nni.main(sys.argv[1:]))
-    """)
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
-    proc = subprocess.Popen([sys.executable, "-c", script, *argv(data, out, "--num_epoch", "3")], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = _training_paused_in_epoch_2(data, out)
     assert proc.stdout.readline().strip() == "READY"
     assert (out / ".lock").is_file()
     proc.send_signal(signal.SIGTERM)
