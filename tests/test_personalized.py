@@ -318,19 +318,26 @@ def tiny_tanet(path, **_):
     return model, {"options": {"eval_batch_size": 8}}
 
 
-def test_a_rerun_on_other_images_is_refused(tmp_path, tiny_data, monkeypatch, capsys):
-    """The features are computed once and recorded: a rerun into the same --out after the images changed,
-    or with another --path_to_images, is refused with one line saying how to start fresh."""
+def _tiny_personalized(tmp_path, tiny_data, monkeypatch) -> tuple:
+    """(a copy of the tiny FLICKR-AES data, the personalized command's argv on it with a stand-in generic model)."""
     import shutil
 
     monkeypatch.setattr(paper_tables, "load_tanet", tiny_tanet)
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     (tmp_path / "generic.pth").write_bytes(b"stand-in")
-    argv = ["personalized", "--flickr_dir", str(data), "--test_workers", str(data / "test_workers.txt"),
-            "--generic", str(tmp_path / "generic.pth"), "--shots", "4", "--repeats", "1", "--min_test_images", "5",
-            "--ft_epochs", "1", "--no-fold_bn", "--num_workers", "0", "--device", "cpu", "--quiet",
-            "--out", str(tmp_path / "o")]
+    return data, ["personalized", "--flickr_dir", str(data), "--test_workers", str(data / "test_workers.txt"),
+                  "--generic", str(tmp_path / "generic.pth"), "--shots", "4", "--repeats", "1",
+                  "--min_test_images", "5", "--num_workers", "0", "--device", "cpu", "--quiet"]
+
+
+def test_a_rerun_on_other_images_is_refused(tmp_path, tiny_data, monkeypatch, capsys):
+    """The features are computed once and recorded: a rerun into the same --out after the images changed,
+    or with another --path_to_images, is refused with one line saying how to start fresh."""
+    import shutil
+
+    data, argv = _tiny_personalized(tmp_path, tiny_data, monkeypatch)
+    argv += ["--ft_epochs", "1", "--no-fold_bn", "--out", str(tmp_path / "o")]
     assert paper_tables.main(argv) == 0
     table = (tmp_path / "o" / pz.RESULTS_MD).read_text()
     capsys.readouterr()
@@ -349,15 +356,7 @@ def test_a_rerun_on_other_images_is_refused(tmp_path, tiny_data, monkeypatch, ca
 
 def test_messages_suggest_only_options_of_the_command(tmp_path, tiny_data, monkeypatch, capsys):
     """personalized has no --skip_missing or --skip_bad; --download and --checkpoints_dir it has."""
-    import shutil
-
-    monkeypatch.setattr(paper_tables, "load_tanet", tiny_tanet)
-    data = tmp_path / "data"
-    shutil.copytree(tiny_data, data)
-    (tmp_path / "generic.pth").write_bytes(b"stand-in")
-    argv = ["personalized", "--flickr_dir", str(data), "--test_workers", str(data / "test_workers.txt"),
-            "--generic", str(tmp_path / "generic.pth"), "--shots", "4", "--repeats", "1", "--min_test_images", "5",
-            "--num_workers", "0", "--device", "cpu", "--quiet"]
+    data, argv = _tiny_personalized(tmp_path, tiny_data, monkeypatch)
     test_image = data / "40K" / load_split(data, data / "test_workers.txt").test["image"].iloc[0]
     test_image.write_bytes(b"not an image")
     assert paper_tables.main(argv + ["--out", str(tmp_path / "o1")]) == 1
