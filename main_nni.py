@@ -56,6 +56,7 @@ from runtime import (
     capture_rng_state,
     cpu_has_native_bf16,
     describe_hardware,
+    precision_name,
     resolve_amp,
     resolve_device,
     restore_rng_state,
@@ -244,11 +245,6 @@ def final_results(preds: Predictions, args, device: torch.device, split: str, ch
             "theme_fusion": args.theme_fusion, "branches": args.branches, "eval_batch_size": args.eval_batch_size,
             "precision": precision_name(args.amp), "evaluation": evaluation_path(args, device),
             "hardware": describe_hardware(device), **extra}
-
-
-def precision_name(amp: str) -> str:
-    """The precision of a resolved ``--amp`` as results and logs name it (float32, bf16, fp16)."""
-    return "float32" if amp == "none" else amp
 
 
 def evaluation_path(args: argparse.Namespace, device: torch.device) -> dict:

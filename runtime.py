@@ -27,7 +27,7 @@ __all__ = [
     "seed_everything", "resolve_device", "capture_rng_state", "restore_rng_state",
     "ALLOCATORS", "tune_cpu_allocator", "release_free_memory", "AMP_MODES", "BF16_SWITCH", "cpu_has_native_bf16",
     "cpu_bf16_instructions", "cpu_model",
-    "describe_hardware", "resolve_amp", "usable_cpus",
+    "describe_hardware", "precision_name", "resolve_amp", "usable_cpus",
     "default_loader_workers", "run_tied_child", "stopped_by_signal",
 ]
 
@@ -142,6 +142,11 @@ def describe_hardware(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def precision_name(amp: str) -> str:
+    """The precision of a resolved ``--amp`` as results, logs and messages name it (float32, bf16, fp16)."""
+    return "float32" if amp == "none" else amp
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:

@@ -26,7 +26,7 @@ from console import progress as progress_bar
 from images import IMAGE_FORMATS, DataError, EvalTransform, link_leaves_folder, load_image, to_rgb
 from onnx_model import ExportError, OnnxModel, is_onnx_file
 from presets import INPUT_SHAPE, INPUT_SIZE, RELEASED, VARIANT_PRESETS, scores_1_to_10
-from runtime import AMP_MODES, resolve_amp, resolve_device
+from runtime import AMP_MODES, precision_name, resolve_amp, resolve_device
 from result_files import (  # noqa: F401 - the results' part of this module's API
     OUTPUT_FORMATS,
     SORT_ORDERS,
@@ -433,7 +433,7 @@ class Scorer:
 
             fused = fuses_conv(True, self.device, self.amp)
             parts.append("folded BatchNorm" + (", fused convolutions" if fused else "") + ", channels-last")
-        parts.append("float32" if self.amp == "none" else self.amp)
+        parts.append(precision_name(self.amp))
         parts.append("reduced-size JPEG decoding" if self.draft else "full decoding")
         return ", ".join(parts) + f", on {self.device}"
 

@@ -21,7 +21,7 @@ from PIL import Image
 from dataset import load_image
 from models import TANet, load_tanet
 from run_data import build_run_datasets, complete_options
-from runtime import resolve_device
+from runtime import precision_name, resolve_device
 from safe_io import atomic_save_json, atomic_write
 from util import plcc, srcc
 
@@ -286,7 +286,7 @@ def _figures(inp: _Inputs, attention: Sequence[int], device: torch.device) -> tu
 
 def _facts(checkpoint: Path, inp: _Inputs, data: Mapping, results: Mapping) -> list[tuple[str, str]]:
     path = inp.run_pass.path
-    how = ", ".join([f"theme fusion {path['theme_fusion']}", "float32" if path["amp"] == "none" else path["amp"]]
+    how = ", ".join([f"theme fusion {path['theme_fusion']}", precision_name(path["amp"])]
                     + [k for k in ("fold_bn", "fuse_conv", "channels_last") if path[k]])
     facts = [("checkpoint", str(checkpoint)), ("variant", inp.model.variant),
              ("branches", ", ".join(inp.model.branches)),
