@@ -22,9 +22,9 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from images import DataError, EvalTransform, Resize, link_leaves_folder, load_image
-from presets import IMAGENET_MEAN, IMAGENET_STD, TRANSFORMS
-from safe_io import atomic_save_json, atomic_write, sha256_file
+from imagedata.images import DataError, EvalTransform, Resize, link_leaves_folder, load_image
+from helpers.presets import IMAGENET_MEAN, IMAGENET_STD, TRANSFORMS
+from helpers.safe_io import atomic_save_json, atomic_write, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -676,7 +676,7 @@ def build_datasets(name: str, *, variant: str, image_dir: str | os.PathLike | No
         train_csv, test_csv = _existing_csv(Path(train_csv), "training"), _existing_csv(Path(test_csv), "test")
     else:
         if name == "demo":
-            from demo_data import ensure_demo_dataset  # deferred: imports scikit-learn
+            from imagedata.demo_data import ensure_demo_dataset  # deferred: imports scikit-learn
             root = ensure_demo_dataset(csv_dir, **dict(demo_options or {}))
             image_dir = root / "images" if image_dir is None else image_dir
             score_range = (1.0, 10.0)

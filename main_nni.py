@@ -19,10 +19,10 @@ import torch.distributed as dist
 from tensorboardX import SummaryWriter
 
 import option
-from console import SafeFormatter, one_line
+from helpers.console import SafeFormatter, one_line
 from dataset import DataError, collate_skip_none
-from run_data import build_run_datasets
-from engine import (
+from training.run_data import build_run_datasets
+from training.engine import (
     NonFiniteError,
     Predictions,
     default_loss,
@@ -49,9 +49,9 @@ from models import (
     scale_learning_rates,
 )
 from report import PREDICTIONS_CSV, ReportError, write_predictions, write_report
-from download import DownloadError
-from runlock import RunLock, RunLockedError
-from runtime import (
+from helpers.download import DownloadError
+from helpers.runlock import RunLock, RunLockedError
+from helpers.runtime import (
     default_loader_workers,
     capture_rng_state,
     cpu_has_native_bf16,
@@ -63,7 +63,7 @@ from runtime import (
     seed_everything,
     tune_cpu_allocator,
 )
-from safe_io import (
+from helpers.safe_io import (
     CheckpointError,
     DiskFullError,
     atomic_save_json,
@@ -154,7 +154,7 @@ def setup_logging(out: Path | None) -> None:
     for h in handlers:
         h.setFormatter(fmt)
         log.addHandler(h)
-    for name in ("dataset", "image_check", "cache", "demo_data"):
+    for name in ("dataset", "imagedata.image_check", "imagedata.cache", "imagedata.demo_data"):
         logging.getLogger(name).handlers = handlers
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import option
-from console import one_line, safe_text, warnings_as_lines, write_line
+from helpers.console import one_line, safe_text, warnings_as_lines, write_line
 from option import non_negative_int, positive_int
 from scoring import (
     NO_WEIGHTS_HELP,
@@ -27,11 +27,11 @@ from scoring import (
     collect_images,
     rank_results,
 )
-from download import DownloadError
-from onnx_model import is_onnx_file
-from result_files import ResultLog, parse_shard, ranks
-from safe_io import sha256_file
-from runtime import ALLOCATORS, AMP_MODES, resolve_device, scoring_parallelism, tune_cpu_allocator
+from helpers.download import DownloadError
+from scoring.onnx_model import is_onnx_file
+from scoring.result_files import ResultLog, parse_shard, ranks
+from helpers.safe_io import sha256_file
+from helpers.runtime import ALLOCATORS, AMP_MODES, resolve_device, scoring_parallelism, tune_cpu_allocator
 
 PROG = "predict.py"
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
@@ -174,7 +174,7 @@ def _run(args: argparse.Namespace) -> int:
             if not args.resume:
                 ResultLog.refuse_unfinished(args.output, args.resume_command)
         if args.engine == "ray":
-            import ray_scoring  # the optional extra: ray
+            from scoring import ray_engine as ray_scoring  # the optional extra: ray
 
             ray_scoring.check_available()
         if not args.path_to_model_weight:

@@ -17,9 +17,9 @@ from collections.abc import Sequence
 import torch
 
 import option
-from console import one_line, safe_text, warnings_as_lines
-from download import DownloadError
-from runtime import ALLOCATORS, AMP_MODES, tune_cpu_allocator, usable_cpus
+from helpers.console import one_line, safe_text, warnings_as_lines
+from helpers.download import DownloadError
+from helpers.runtime import ALLOCATORS, AMP_MODES, tune_cpu_allocator, usable_cpus
 from scoring import NO_WEIGHTS_HELP, Scorer, ScoringWarning
 
 PROG = "serve.py"

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from download import DownloadError, download
-from presets import WEIGHT_FILES
-from safe_io import CheckpointError, safe_torch_load
+from helpers.download import DownloadError, download
+from helpers.presets import WEIGHT_FILES
+from helpers.safe_io import CheckpointError, safe_torch_load
 
 from .tanet import BRANCHES, VARIANTS, TANet, check_branches
 

@@ -20,9 +20,9 @@ from PIL import Image
 
 from dataset import load_image
 from models import TANet, load_tanet
-from run_data import build_run_datasets, complete_options
-from runtime import precision_name, resolve_device
-from safe_io import atomic_save_json, atomic_write
+from training.run_data import build_run_datasets, complete_options
+from helpers.runtime import precision_name, resolve_device
+from helpers.safe_io import atomic_save_json, atomic_write
 from util import plcc, srcc
 
 from . import figures

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataset import DataError
 from option import DATASETS, VARIANT_NAMES, positive_int
 from report import ReportError, write_report, write_split_report
-from safe_io import CheckpointError
+from helpers.safe_io import CheckpointError
 
 PROG = "python -m report"
 # Data options that may override (or, for a released checkpoint, supply) the run's saved options.

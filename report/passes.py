@@ -9,12 +9,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from console import progress as progress_bar
+from helpers.console import progress as progress_bar
 from dataset import collate_skip_none
-from engine import autocast, evaluation_model, make_loader, to_device
+from training.engine import autocast, evaluation_model, make_loader, to_device
 from models import TANet
 from models.rgb_attention import rgb_similarity
-from presets import scores_1_to_10
+from helpers.presets import scores_1_to_10
 
 from .errors import ReportError
 

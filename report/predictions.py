@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from safe_io import atomic_write, csv_text_cell, csv_text_value
+from helpers.safe_io import atomic_write, csv_text_cell, csv_text_value
 
 from .errors import ReportError
 from .stats import ScoreTable

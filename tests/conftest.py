@@ -24,7 +24,7 @@ def image_check_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
     """The demo data set (TAD66K layout), generated into a temporary folder."""
-    from demo_data import ensure_demo_dataset
+    from imagedata.demo_data import ensure_demo_dataset
 
     return ensure_demo_dataset(tmp_path_factory.mktemp("demo") / "demo", n_train=48, n_test=16)
 
@@ -41,7 +41,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def personal_root(tmp_path_factory):
     """A tiny personalized demo data set (FLICKR-AES format): 3 test workers with 14-16 images each."""
-    from personal_data import ensure_personal_dataset
+    from imagedata.personal_data import ensure_personal_dataset
 
     return ensure_personal_dataset(tmp_path_factory.mktemp("personal") / "demo", n_generic=12, n_workers=9,
                                    n_test_workers=3, test_worker_images=(14, 16), size=64)
@@ -52,7 +52,7 @@ def golden_onnx(tmp_path_factory):
     """{variant: (checkpoint, .onnx)} of golden-weight TANets: one real export per session (slow)."""
     for module in ("onnx", "onnxruntime", "onnxscript"):
         pytest.importorskip(module, reason=f"the ONNX tests need {module} (pip install -r requirements-deploy.txt)")
-    from export import export_onnx
+    from scoring.onnx_export import export_onnx
     from golden import golden_state_dict
 
     root = tmp_path_factory.mktemp("onnx")

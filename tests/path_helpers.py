@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine import infer
+from training.engine import infer
 from golden import golden_input, golden_state_dict
 from models import TANet
-from runtime import cpu_bf16_instructions, cpu_has_native_bf16
+from helpers.runtime import cpu_bf16_instructions, cpu_has_native_bf16
 
 CPU = torch.device("cpu")
 # bfloat16 on a CPU without bfloat16 instructions is an emulation, about 10x slower than float32 and

@@ -25,7 +25,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 import main_nni
-import safe_io
+from helpers import safe_io
 from models import BRANCHES, VARIANTS, TANet
 
 PARTIAL_BYTES = 1 << 20

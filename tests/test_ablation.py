@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-import ablation
-
+from paper import ablation
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -160,7 +159,7 @@ CHILD = ("import os, signal, sys, time\n"
          "time.sleep(60)\n")
 PARENT = ("import sys\n"
           "sys.path.insert(0, sys.argv[1])\n"
-          "from runtime import run_tied_child\n"
+          "from helpers.runtime import run_tied_child\n"
           "try:\n"
           "    run_tied_child([sys.executable, '-c', sys.argv[2], sys.argv[3]])\n"
           "except KeyboardInterrupt:\n"

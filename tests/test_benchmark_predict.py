@@ -32,8 +32,7 @@ def test_engine_and_library_rows(tmp_path, monkeypatch):
 
 
 def test_the_light_install_row_scores_one_photo_with_an_export_under_the_given_interpreter(tmp_path, monkeypatch):
-    import export
-
+    from scoring import onnx_export as export
     bench = _benchmark_tool()
     exported, calls = [], []
     monkeypatch.setattr(export, "export_onnx", lambda ckpt, out: exported.append((ckpt, out)))

@@ -12,7 +12,7 @@ import main_nni
 from golden import golden_input, golden_state_dict
 from models import BRANCHES, TANet, check_branches, load_tanet
 from report import write_report
-from safe_io import CheckpointError
+from helpers.safe_io import CheckpointError
 from scoring import Scorer
 
 VARIANTS = [("aesthetics",), ("aesthetics", "theme"), ("aesthetics", "rgb"), BRANCHES]

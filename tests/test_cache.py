@@ -12,8 +12,8 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import functional as F
 
-from augment import AugmentParams, augment_batch, normalise, sample_augment_params
-from cache import PIXELS_FILE, CacheError, CachedDataset, StaleCacheError, build_cache, cache_spec
+from imagedata.augment import AugmentParams, augment_batch, normalise, sample_augment_params
+from imagedata.cache import PIXELS_FILE, CacheError, CachedDataset, StaleCacheError, build_cache, cache_spec
 from dataset import (
     AVA_COLUMNS,
     AVADataset,
@@ -22,8 +22,8 @@ from dataset import (
     collate_skip_none,
     load_image,
 )
-from engine import infer, make_loader, train_one_epoch
-from presets import IMAGENET_MEAN, IMAGENET_STD
+from training.engine import infer, make_loader, train_one_epoch
+from helpers.presets import IMAGENET_MEAN, IMAGENET_STD
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = [(300, 200), (200, 300), (257, 257), (640, 427), (224, 224), (100, 80), (333, 251)]

@@ -11,8 +11,8 @@ import torch
 import yaml
 
 import option
-from presets import RELEASED
-from runtime import resolve_amp
+from helpers.presets import RELEASED
+from helpers.runtime import resolve_amp
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_TAD66K_SPACE = {  # the authors' search_space.json

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import console
-
+from helpers import console
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -10,11 +10,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-import personalize as pz
+from paper import personalize as pz
 import predict
 from models import TANet
 from report.predictions import read_predictions, write_predictions
-from safe_io import csv_text_cell, csv_text_value
+from helpers.safe_io import csv_text_cell, csv_text_value
 
 FORMULAS = ["=1+2", "+cmd|' /C calc'!A0", "-2+3", "@SUM(A1)", "\tcmd", "\rcmd"]
 PLAIN = ["photo.jpg", "a=b.jpg", "", "été.png", "1.jpg"]

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 import dataset as ds
-import images
+from imagedata import images
 from dataset import DataError
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 import dataset as ds
 from dataset import DataError
-from image_check import check_images
+from imagedata.image_check import check_images
 
 AVA_HEADER = "image_id,score2,score3,score4,score5,score6,score7,score8,score9,score10,score11,tag1,tag2,tag3\n"
 

@@ -1,4 +1,4 @@
-"""demo_data.py: deterministic, cached, self-repairing generation of a learnable themed data set."""
+"""imagedata/demo_data.py: deterministic, cached, self-repairing generation of a learnable themed data set."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage, stats
 
-import demo_data
+from imagedata import demo_data
 from dataset import read_score_csv, read_theme_csvs
 
 SMALL = dict(n_train=8, n_test=4, size=64)
@@ -172,7 +172,7 @@ def test_other_parameters_regenerate_and_remove_stale_files(tmp_path):
 
 def test_default_root_is_inside_the_repo():
     assert demo_data.DEFAULT_DEMO_ROOT == demo_data.REPO_DIR / "data" / "demo"
-    assert (demo_data.REPO_DIR / "demo_data.py").is_file()
+    assert (demo_data.REPO_DIR / "imagedata" / "demo_data.py").is_file()
 
 
 @pytest.mark.parametrize("kwargs", [dict(n_train=0), dict(n_test=-1), dict(size=8), dict(seed=-1),

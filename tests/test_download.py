@@ -1,4 +1,4 @@
-"""download.download against real local servers on 127.0.0.1 (success and every failure mode)."""
+"""helpers.download.download against real local servers on 127.0.0.1 (success and every failure mode)."""
 
 import hashlib
 import http.server
@@ -8,9 +8,7 @@ import threading
 import time
 
 import pytest
-import download
-
-
+from helpers import download
 PAYLOAD = os.urandom(200_000)
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
 

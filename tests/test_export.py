@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import predict
-from export import ExportError, OnnxModel, metadata, read_metadata
+from scoring.onnx_export import ExportError, OnnxModel, metadata, read_metadata
 from golden import golden_input, golden_state_dict
 from models import TANet
 from scoring import Scorer, ScoringError
@@ -94,7 +94,7 @@ def test_the_export_tool(exported, tmp_path, capsys):
     ckpt, _ = exported["tad66k"]
     sys.path.insert(0, str(REPO / "tools"))
     try:
-        import export as module  # the library; the tool is tools/export.py
+        from scoring import onnx_export as module  # the library; the tool is tools/export.py
         from importlib import util
 
         spec = util.spec_from_file_location("export_tool", REPO / "tools" / "export.py")
@@ -131,8 +131,7 @@ def test_an_export_with_non_finite_outputs_fails_and_leaves_no_file(tmp_path, ca
 
 
 def test_the_parity_check_refuses_a_difference_beyond_its_tolerance_or_not_finite(tmp_path):
-    import export as module
-
+    from scoring import onnx_export as module
     x = np.zeros((3, 3, 224, 224), np.float32)
     ref = np.full((3, 1), 0.5, np.float32)
 
@@ -153,8 +152,7 @@ def test_the_parity_check_refuses_a_difference_beyond_its_tolerance_or_not_finit
 @pytest.mark.slow
 def test_an_export_beyond_the_parity_tolerance_leaves_no_file(tmp_path, capsys, monkeypatch):
     needs_extra()
-    import export as module
-
+    from scoring import onnx_export as module
     checkpoint = tmp_path / "m.pth"
     torch.save({"model": golden_state_dict("tad66k"), "variant": "tad66k"}, checkpoint)
     monkeypatch.setattr(module, "PARITY_TOLERANCE", -1.0)  # no difference is within it

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import autocast, make_loader, prepare_images, to_device
+from training.engine import autocast, make_loader, prepare_images, to_device
 from golden import golden_input, golden_state_dict
 from models import conv_fusion_available, TANet, fold_batchnorm
 from path_helpers import (CPU, golden_batches, golden_scores, golden_tanet, needs_bf16_instructions, needs_native_bf16,
                           perturb_batchnorm)
-from runtime import cpu_has_native_bf16
+from helpers.runtime import cpu_has_native_bf16
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA = torch.device("cuda") if torch.cuda.is_available() else None
@@ -146,7 +146,7 @@ def test_cuda_autocast_stays_close_to_fp32(amp):
     ref = golden_scores(golden_tanet(device=CUDA), CUDA)
     low = golden_scores(golden_tanet(device=CUDA, channels_last=True), CUDA, amp=amp, channels_last=True)
     assert torch.isfinite(low).all() and (low - ref).abs().max() < 0.05
-    from engine import train_one_epoch
+    from training.engine import train_one_epoch
     model = golden_tanet(device=CUDA, channels_last=True)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None

@@ -1,4 +1,4 @@
-"""flickr_aes.py and personal_data.py: the FLICKR-AES ratings and test-worker readers, the split by workers
+"""imagedata/flickr_aes.py and personal_data.py: the FLICKR-AES ratings and test-worker readers, the split by workers
 (no test-worker image in generic training), the datasets main_nni.py trains on, and the generated demo."""
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 
 import dataset
-import flickr_aes as fa
+from imagedata import flickr_aes as fa
 import option
-import personal_data
+from imagedata import personal_data
 from dataset import DataError
-from run_data import build_run_datasets
+from training.run_data import build_run_datasets
 
 # The published header has a space after each comma; cells may carry whitespace around them.
 PUBLISHED = ("worker, imagePair, score\n"

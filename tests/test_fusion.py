@@ -8,11 +8,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import engine
+from training import engine
 import option
 from models import FusedConv2d, TANet, conv_fusion_available, fold_batchnorm, fuse_conv_activations
 from path_helpers import CPU, golden_scores, golden_tanet, perturb_batchnorm
-from runtime import cpu_bf16_instructions, resolve_amp
+from helpers.runtime import cpu_bf16_instructions, resolve_amp
 
 pytestmark = pytest.mark.skipif(not conv_fusion_available(), reason="needs a PyTorch build with oneDNN")
 

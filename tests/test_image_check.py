@@ -1,4 +1,4 @@
-"""image_check.check_images: missing files, undecodable images before the first epoch, the cache of
+"""imagedata.image_check.check_images: missing files, undecodable images before the first epoch, the cache of
 results per file version, the skip options and what their messages say."""
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 import dataset as ds
-import image_check
+from imagedata import image_check
 from dataset import DataError
-from image_check import check_images
+from imagedata.image_check import check_images
 
 
 def write_image(path, seed=0):
@@ -65,7 +65,7 @@ def test_skip_missing_drops_them_and_lists_them(tmp_path, caplog):
     csv, img_dir = make_data(tmp_path, ["a.jpg", "b.jpg", "c.jpg"])
     (img_dir / "b.jpg").unlink()
     d = ds.ScoreImageDataset(csv, img_dir, train=False, themes={"c.jpg": "cat"})
-    with caplog.at_level(logging.WARNING, logger="image_check"):
+    with caplog.at_level(logging.WARNING, logger="imagedata.image_check"):
         out = check_images(d, mode="exists", skip_missing=True, log_dir=tmp_path / "run", split="val")
     assert "1 of 3 images" in caplog.text
     assert out.names == ["a.jpg", "c.jpg"] and out.themes == ["", "cat"] and out.rows == [1, 3]
@@ -137,7 +137,7 @@ def test_an_unusable_cache_only_costs_time(tmp_path, decodes, caplog):
     csv, img_dir = make_data(tmp_path, ["a.jpg"])
     bad = tmp_path / "checks.sqlite"
     bad.write_bytes(b"this is not a database" * 100)
-    with caplog.at_level(logging.WARNING, logger="image_check"):
+    with caplog.at_level(logging.WARNING, logger="imagedata.image_check"):
         check_images(ds.ScoreImageDataset(csv, img_dir, train=False), cache=bad)
     assert decodes == ["a.jpg"] and "cache" in caplog.text
 

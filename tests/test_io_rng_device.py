@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-import runtime
-import safe_io
-
+from helpers import runtime
+from helpers import safe_io
 REPO = Path(__file__).resolve().parents[1]
 
 def draw():

@@ -12,9 +12,7 @@ import pytest
 import torch
 
 from reliability_helpers import MarkerPayload
-import safe_io
-
-
+from helpers import safe_io
 def listing(folder: pathlib.Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 

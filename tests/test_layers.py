@@ -7,26 +7,31 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+PACKAGES_BY_MODULE = ("helpers", "imagedata", "scoring", "training", "paper")  # each of their modules is placed
 LAYERS = {  # lower numbers are lower layers
-    0: {"util", "safe_io", "download", "runlock", "runtime", "console"},
-    1: {"presets", "option"},
-    2: {"images", "dataset", "demo_data", "personal_data", "flickr_aes", "models", "onnx_model"},
-    3: {"engine", "run_data", "scoring", "result_files", "ray_scoring", "report", "image_check", "cache", "augment",
-        "export", "webapp",
-        "ablation", "personalize"},
+    0: {"util", "helpers.safe_io", "helpers.download", "helpers.runlock", "helpers.runtime", "helpers.console",
+        "helpers.presets", "helpers"},
+    1: {"option"},
+    2: {"dataset", "imagedata.images", "imagedata.image_check", "imagedata.cache", "imagedata.augment",
+        "imagedata.flickr_aes", "imagedata.demo_data", "imagedata.personal_data", "imagedata", "models"},
+    3: {"training.engine", "training.run_data", "scoring", "scoring.result_files", "scoring.onnx_model",
+        "scoring.onnx_export", "scoring.ray_engine", "report", "webapp",
+        "paper.ablation", "paper.personalize", "training", "paper"},
     4: {"main_nni", "predict", "serve", "report.__main__", "tools"},
 }
-FORBIDDEN = {("dataset", "models"), ("models", "dataset"), ("images", "models"), ("models", "images"),
-             ("option", "*")}
+DATA = {m for m in LAYERS[2] if m != "models"}  # dataset.py and imagedata/
+FORBIDDEN = {*((d, "models") for d in DATA), *(("models", d) for d in DATA), ("option", "*")}
 
 
 def module_of(path: Path) -> str:
     rel = path.relative_to(REPO).with_suffix("")
     parts = rel.parts
-    if parts[0] in ("models", "tools"):
+    if parts[0] in ("models", "tools", "webapp"):
         return parts[0]
     if parts[0] == "report":
         return "report.__main__" if parts[-1] == "__main__" else "report"
+    if parts[0] in PACKAGES_BY_MODULE:
+        return parts[0] if parts[-1] == "__init__" else ".".join(parts[:2])
     return parts[0]
 
 
@@ -46,10 +51,15 @@ def our_imports(path: Path, ours: set[str]) -> set[str]:
             names = [node.module]
         else:
             continue
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in PACKAGES_BY_MODULE:
+            names = [f"{node.module}.{alias.name}" for alias in node.names]  # from helpers import runtime
         for name in names:
-            top = name.split(".")[0]
+            parts = name.split(".")
+            top = ".".join(parts[:2]) if parts[0] in PACKAGES_BY_MODULE else parts[0]
             if name.startswith("report.__main__"):
                 top = "report.__main__"
+            if top not in ours and parts[0] in ours:
+                top = parts[0]  # a name from a package's __init__
             if top in ours:
                 found.add(top)
     return found

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from images import EvalTransform, load_image
+from imagedata.images import EvalTransform, load_image
 from onnx_helpers import needs_onnx, run_torch_free, tiny_onnx, tiny_outputs
 
 

@@ -1,4 +1,4 @@
-"""runlock.RunLock: exclusive run folders, stale-lock takeover."""
+"""helpers.runlock.RunLock: exclusive run folders, stale-lock takeover."""
 
 import os
 import socket
@@ -6,10 +6,7 @@ import subprocess
 import sys
 
 import pytest
-import runlock
-
-
-
+from helpers import runlock
 def write_lock(folder, pid, host=None):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / ".lock").write_text(f"{pid}\n{host or socket.gethostname()}\n")

@@ -333,7 +333,7 @@ def test_a_corrupt_exif_warning_names_the_file(tmp_path):
 
     from PIL import Image
 
-    from images import load_image
+    from imagedata.images import load_image
 
     path = tmp_path / "odd.jpg"
     exif = b"Exif\x00\x00II*\x00" + struct.pack("<IH", 8, 5) + b"\x12\x01"  # 5 tags announced, 2 bytes given

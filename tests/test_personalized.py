@@ -1,4 +1,4 @@
-"""personalize.py and tools/paper_tables.py personalized: the frozen features give the model's own output,
+"""paper/personalize.py and tools/paper_tables.py personalized: the frozen features give the model's own output,
 fine-tuning learns, the protocol end to end on a tiny generated data set, the run folder, and a killed
 run that resumes to the table of an uninterrupted one."""
 from __future__ import annotations
@@ -18,12 +18,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-import personal_data
-import personalize as pz
-from flickr_aes import RatedImageDataset, load_split
+from imagedata import personal_data
+from paper import personalize as pz
+from imagedata.flickr_aes import RatedImageDataset, load_split
 from models import TANet
 from models.tanet import fusion_head
-from safe_io import atomic_torch_save
+from helpers.safe_io import atomic_torch_save
 
 REPO = Path(__file__).resolve().parents[1]
 PROTOCOL = pz.Protocol(shots=(4, 8), repeats=3, min_test_images=5, recipe=pz.Recipe(epochs=5))

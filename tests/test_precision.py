@@ -8,7 +8,7 @@ import torch
 import predict
 import serve
 from models import TANet
-from runtime import BF16_SWITCH, cpu_bf16_instructions, cpu_has_native_bf16, describe_hardware, resolve_amp
+from helpers.runtime import BF16_SWITCH, cpu_bf16_instructions, cpu_has_native_bf16, describe_hardware, resolve_amp
 from scoring import Scorer
 
 CPU = torch.device("cpu")

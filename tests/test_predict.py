@@ -15,7 +15,7 @@ from PIL import Image
 
 import predict
 from models import TANet
-from presets import RELEASED
+from helpers.presets import RELEASED
 from scoring import Scorer
 
 REPO = Path(__file__).resolve().parent.parent

@@ -29,13 +29,13 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import dataset as ds
-import images
-import download
-import engine
+from imagedata import images
+from helpers import download
+from training import engine
 import main_nni
-import safe_io
+from helpers import safe_io
 from dataset import DataError
-from engine import NonFiniteError
+from training.engine import NonFiniteError
 from reliability_helpers import MarkerPayload, TinyTANet, write_csv_data
 
 FUZZ = settings(max_examples=80, deadline=timedelta(seconds=5), derandomize=True, database=None,

@@ -27,9 +27,9 @@ import pytest
 import torch
 
 import main_nni
-import safe_io
+from helpers import safe_io
 from reliability_helpers import TinyTANet, run_main
-from safe_io import safe_torch_load
+from helpers.safe_io import safe_torch_load
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(sys.platform != "linux", reason="SIGKILL and the forkserver: Linux only")]

@@ -1,4 +1,4 @@
-"""result_files.py: the output formats, an output that grows and resumes (ResultLog), shards."""
+"""scoring/result_files.py: the output formats, an output that grows and resumes (ResultLog), shards."""
 from __future__ import annotations
 
 import csv
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from result_files import (
+from scoring.result_files import (
     ResultLog,
     ScoreResult,
     ScoringError,
@@ -121,8 +121,7 @@ def test_a_run_stopped_while_writing_its_final_file_completes_on_resume(tmp_path
     log = _log(out, AVA, resume=False)
     for r in AVA:
         log.add(r)
-    import result_files
-
+    from scoring import result_files
     real_replace = result_files.os.replace
 
     def replace(src, dst):
@@ -169,7 +168,7 @@ def test_jsonl_and_parquet_outputs(tmp_path, suffix):
 
 def test_parquet_without_pyarrow_names_the_requirements_file(tmp_path):
     code = ("import sys; sys.modules['pyarrow'] = None; sys.modules['pyarrow.parquet'] = None\n"
-            "from result_files import check_output_path\n"
+            "from scoring.result_files import check_output_path\n"
             "try:\n    check_output_path('out.parquet')\nexcept ValueError as e:\n    print(e)\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert "needs pyarrow; install it with pip install -r requirements-scale.txt" in done.stdout, done.stderr
@@ -190,6 +189,6 @@ def test_shards_are_deterministic_disjoint_and_covering():
 
 def test_result_files_import_no_torch():
     """The torch-free scoring path writes its results with this module."""
-    code = "import sys, result_files; print('torch' in sys.modules)"
+    code = "import sys, scoring.result_files; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False", done.stderr

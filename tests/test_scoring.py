@@ -15,12 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-import images as images_module
+from imagedata import images as images_module
 import scoring
 from dataset import build_transform, load_image
 from models import TANet, load_tanet
-from runtime import scoring_parallelism
-from presets import RELEASED
+from helpers.runtime import scoring_parallelism
+from helpers.presets import RELEASED
 from scoring import ScoreResult, Scorer, ScoringError, ScoringWarning, collect_images, rank_results, write_results
 
 

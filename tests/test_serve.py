@@ -38,7 +38,7 @@ from starlette.requests import Request  # noqa: E402
 
 import serve  # noqa: E402
 from models import TANet  # noqa: E402
-from presets import VARIANT_PRESETS  # noqa: E402
+from helpers.presets import VARIANT_PRESETS  # noqa: E402
 from scoring import Scorer, output_columns, write_results  # noqa: E402
 from webapp import Limits, create_app  # noqa: E402
 from webapp.uploads import UploadError, body_limit, human_bytes, label, read_uploads  # noqa: E402
@@ -537,7 +537,7 @@ def test_serve_scores_with_an_onnx_export(tmp_path, photos):
     """serve.py takes every checkpoint predict.py takes, an .onnx export too; it has no attention figure."""
     for module in ("onnx", "onnxruntime", "onnxscript"):
         pytest.importorskip(module, reason=f"the ONNX export needs {module} (pip install -r requirements-deploy.txt)")
-    from export import export_onnx
+    from scoring.onnx_export import export_onnx
 
     ckpt = _checkpoint(tmp_path, "ava")
     exported = tmp_path / "ava.onnx"
@@ -661,7 +661,7 @@ def _gradient_png(width: int, height: int, mode: str = "RGB") -> bytes:
 def test_a_large_image_is_decoded_reduced_and_a_normal_one_exactly(ava, photos, monkeypatch):
     """Above the threshold a JPEG is decoded at a reduced scale and other formats are reduced before
     any conversion (the tensor close to the full decoding's); below it, the decoding is predict.py's."""
-    from images import PixelBudget, decode_image, load_image
+    from imagedata.images import PixelBudget, decode_image, load_image
     from webapp import work
     from webapp.uploads import Upload
 
@@ -699,7 +699,7 @@ def test_the_pixels_of_one_request_are_bounded(ava, photos):
 MEMORY_SCRIPT = r"""
 import sys
 import torch
-from runtime import tune_cpu_allocator
+from helpers.runtime import tune_cpu_allocator
 from scoring import Scorer
 from webapp.uploads import Upload
 from webapp.work import score_uploads

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-import ablation
+from paper import ablation
 import main_nni
-import safe_io
+from helpers import safe_io
 from reliability_helpers import TinyTANet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +47,8 @@ def test_no_json_is_written_outside_the_strict_writer():
     offenders = []
     for path in sorted(REPO.rglob("*.py")):
         rel = path.relative_to(REPO)
-        if rel.parts[0] in ("tests", "runs", ".venv") or rel == Path("safe_io.py") or "site-packages" in rel.parts:
+        if rel.parts[0] in ("tests", "runs", ".venv") or rel == Path("helpers/safe_io.py") \
+                or "site-packages" in rel.parts:
             continue
         text = path.read_text(encoding="utf-8", errors="replace")
         offenders += [f"{rel}:{i}" for i, line in enumerate(text.splitlines(), 1)
@@ -98,7 +99,7 @@ def test_the_ablation_table_json_is_strict(tiny, demo_root, tmp_path, monkeypatc
 def test_a_personalized_workers_undefined_srcc_reads_back_as_nan(tmp_path):
     """A worker's record holds an undefined SRCC as null; read back (a resumed run) it is NaN again, as the
     table's summary counts it."""
-    from personalize import ResultStore
+    from paper.personalize import ResultStore
 
     store = ResultStore(tmp_path, {"seed": 0})
     store.record({"worker": "w1", "shots": {"10": {"draws": [{"generic_srcc": float("nan"), "finetuned_srcc": 0.5}]}}})

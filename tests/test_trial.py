@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-import engine
+from training import engine
 import main_nni
 import option
-from engine import amp_dtype
+from training.engine import amp_dtype
 from reliability_helpers import TinyTANet
 from report import read_predictions
-from runtime import resolve_amp
-from safe_io import safe_torch_load
+from helpers.runtime import resolve_amp
+from helpers.safe_io import safe_torch_load
 
 # 16 images of each split, 2 epochs of 2 batches: a few seconds on a CPU.
 BASE = ["--dataset", "demo", "--demo_images", "48", "16", "--max_images", "16", "--batch_size", "8",
@@ -219,7 +219,7 @@ def test_amp_auto_is_resolved_and_logged(tiny, demo_root, tmp_path, monkeypatch)
     on a CPU without them runs, with a warning in the log. (2 test images: bf16 may be emulated here.)"""
     for native in (False, True):
         monkeypatch.setattr(main_nni, "cpu_has_native_bf16", lambda: native)
-        monkeypatch.setattr("runtime.cpu_has_native_bf16", lambda: native)
+        monkeypatch.setattr("helpers.runtime.cpu_has_native_bf16", lambda: native)
         out = tmp_path / f"auto{native}"
         assert run_main(demo_root, out, "--num_epoch", "0", "--max_images", "2") == 0
         saved = json.loads((out / "results.json").read_text())
@@ -237,7 +237,7 @@ def test_amp_auto_is_resolved_and_logged(tiny, demo_root, tmp_path, monkeypatch)
 def full_disk_for(monkeypatch, name: str, tries: int) -> dict:
     """The first ``tries`` checkpoint writes of ``name`` find the disk full (as safe_io reports it);
     ``["writes"]`` counts every write of that name, ``["tries"]`` may be changed."""
-    from safe_io import disk_full_error
+    from helpers.safe_io import disk_full_error
 
     real, disk = main_nni.atomic_torch_save, {"tries": tries, "writes": 0}
 

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-import presets
+from helpers import presets
 from reliability_helpers import MarkerPayload
 from models import (
     PARAM_GROUPS,
@@ -21,8 +21,8 @@ from models import (
     read_tanet_checkpoint,
     resolve_weights,
 )
-from presets import RELEASED, WEIGHT_FILES
-from safe_io import CheckpointError, UnsafeCheckpointError, sha256_file
+from helpers.presets import RELEASED, WEIGHT_FILES
+from helpers.safe_io import CheckpointError, UnsafeCheckpointError, sha256_file
 
 
 @pytest.fixture(scope="module")

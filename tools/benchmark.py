@@ -52,14 +52,15 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import default_collate  # noqa: E402
 
-from augment import augment_batch  # noqa: E402
-from cache import CachedDataset, build_cache  # noqa: E402
+from imagedata.augment import augment_batch  # noqa: E402
+from imagedata.cache import CachedDataset, build_cache  # noqa: E402
 from dataset import ScoreImageDataset  # noqa: E402
-from demo_data import GenerationError  # noqa: E402
-from engine import amp_dtype, infer, make_loader, train_one_epoch  # noqa: E402
+from imagedata.demo_data import GenerationError  # noqa: E402
+from training.engine import amp_dtype, infer, make_loader, train_one_epoch  # noqa: E402
 from models import TANet, conv_fusion_available, fold_batchnorm, fuse_conv_activations  # noqa: E402
-from runtime import ALLOCATORS, cpu_has_native_bf16, resolve_device, seed_everything, tune_cpu_allocator, usable_cpus  # noqa: E402
-from safe_io import atomic_save_json, atomic_torch_save  # noqa: E402
+from helpers.runtime import (  # noqa: E402
+    ALLOCATORS, cpu_has_native_bf16, resolve_device, seed_everything, tune_cpu_allocator, usable_cpus)
+from helpers.safe_io import atomic_save_json, atomic_torch_save  # noqa: E402
 
 TOKENS = ("compile", "freeze", "isolated", "foldbn", "fuse", "bf16", "fp16", "channels_last")
 CUDA_TRAIN = ("reference", "fp32", "channels_last", "bf16", "bf16+channels_last", "fp16", "fp16+channels_last")
@@ -230,7 +231,7 @@ def build_model(path: ModelPath, device: torch.device, state: dict | None = None
 
 def exported(model: TANet) -> Callable:
     """The model exported to ONNX (in a temporary folder) and loaded into onnxruntime."""
-    from export import OnnxModel, export_onnx
+    from scoring.onnx_export import OnnxModel, export_onnx
 
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = Path(folder) / "model.pth"
@@ -465,7 +466,7 @@ def bench_accuracy(args, device: torch.device, train_names: list[str], eval_name
                    log) -> dict:
     """Train TANet briefly on the demo data (fp32 and each of train_names), then evaluate: the fp32
     checkpoint with every evaluation path, and every checkpoint in fp32; SRCC/PLCC and deltas."""
-    from demo_data import ensure_demo_dataset
+    from imagedata.demo_data import ensure_demo_dataset
 
     n_train, n_test = args.accuracy_images
     root = ensure_demo_dataset(Path(args.demo_root) if args.demo_root else work / "demo", n_train=n_train,
@@ -731,7 +732,7 @@ def bench_predict(args, work: Path, log) -> dict:
 def bench_light(args, work: Path, photo: Path, checkpoint: Path, log) -> dict:
     """One photo scored end to end with an ``.onnx`` export of the checkpoint under ``--light_python`` (the
     interpreter of a venv made from requirements-score.txt), median over ``--repeats``."""
-    from export import export_onnx
+    from scoring.onnx_export import export_onnx
 
     model = work / "tanet.onnx"
     export_onnx(checkpoint, model)

@@ -37,8 +37,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from models import TANet  # noqa: E402
-from runtime import usable_cpus  # noqa: E402
-from safe_io import atomic_save_json  # noqa: E402
+from helpers.runtime import usable_cpus  # noqa: E402
+from helpers.safe_io import atomic_save_json  # noqa: E402
 
 SIZE = (1024, 683)  # width, height: a 3:2 photo
 

@@ -19,8 +19,8 @@ REPO_DIR = Path(__file__).resolve().parents[1]
 if str(REPO_DIR) not in sys.path:  # run as `python tools/draft_effect.py`
     sys.path.insert(0, str(REPO_DIR))
 
-from console import one_line  # noqa: E402
-from safe_io import atomic_save_json  # noqa: E402
+from helpers.console import one_line  # noqa: E402
+from helpers.safe_io import atomic_save_json  # noqa: E402
 from dataset import DataError, read_score_csv  # noqa: E402
 from scoring import Scorer, ScoringError, collect_images  # noqa: E402
 from util import srcc  # noqa: E402

@@ -22,11 +22,11 @@ if str(REPO_DIR) not in sys.path:  # run as `python tools/export.py`
     sys.path.insert(0, str(REPO_DIR))
 
 import option  # noqa: E402
-from console import one_line  # noqa: E402
-from download import DownloadError  # noqa: E402
-from export import ExportError, export_onnx  # noqa: E402
+from helpers.console import one_line  # noqa: E402
+from helpers.download import DownloadError  # noqa: E402
+from scoring.onnx_export import ExportError, export_onnx  # noqa: E402
 from models import resolve_weights  # noqa: E402
-from safe_io import json_text  # noqa: E402
+from helpers.safe_io import json_text  # noqa: E402
 
 PROG = "tools/export.py"
 

@@ -30,8 +30,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import report  # noqa: E402
-from demo_data import GenerationError, ensure_demo_dataset  # noqa: E402
-from safe_io import atomic_save_json, json_text  # noqa: E402
+from imagedata.demo_data import GenerationError, ensure_demo_dataset  # noqa: E402
+from helpers.safe_io import atomic_save_json, json_text  # noqa: E402
 
 RUN_FLAGS = ["--quiet", "--no_report", "--seed", "0"]
 

@@ -26,14 +26,14 @@ if str(REPO_DIR) not in sys.path:  # run as `python tools/paper_tables.py`
     sys.path.insert(0, str(REPO_DIR))
 
 import option  # noqa: E402
-from ablation import AblationError, run_table  # noqa: E402
-from console import one_line  # noqa: E402
+from paper.ablation import AblationError, run_table  # noqa: E402
+from helpers.console import one_line  # noqa: E402
 from dataset import DataError  # noqa: E402
-from flickr_aes import RatedImageDataset, WorkerSplit, image_folder, load_split  # noqa: E402
-from image_check import check_images  # noqa: E402
+from imagedata.flickr_aes import RatedImageDataset, WorkerSplit, image_folder, load_split  # noqa: E402
+from imagedata.image_check import check_images  # noqa: E402
 from models import load_tanet, resolve_weights  # noqa: E402
-from personal_data import DEFAULT_ROOT, TEST_WORKERS_FILE, ensure_personal_dataset  # noqa: E402
-from personalize import (  # noqa: E402
+from imagedata.personal_data import DEFAULT_ROOT, TEST_WORKERS_FILE, ensure_personal_dataset  # noqa: E402
+from paper.personalize import (  # noqa: E402
     FINETUNE_PARTS,
     Heads,
     Protocol,
@@ -46,9 +46,9 @@ from personalize import (  # noqa: E402
     run_protocol,
     write_outputs,
 )
-from runlock import RunLock, RunLockedError  # noqa: E402
-from runtime import default_loader_workers, resolve_device, run_tied_child, stopped_by_signal  # noqa: E402
-from safe_io import CheckpointError, remove_stale_temp_files, sha256_file  # noqa: E402
+from helpers.runlock import RunLock, RunLockedError  # noqa: E402
+from helpers.runtime import default_loader_workers, resolve_device, run_tied_child, stopped_by_signal  # noqa: E402
+from helpers.safe_io import CheckpointError, remove_stale_temp_files, sha256_file  # noqa: E402
 
 log = logging.getLogger("paper_tables")
 GENERIC_DIR = "generic"

@@ -21,10 +21,10 @@ if str(REPO_DIR) not in sys.path:  # run as `python tools/prepare_cache.py`
     sys.path.insert(0, str(REPO_DIR))
 
 import option  # noqa: E402
-from cache import DEFAULT_CHUNK, build_cache  # noqa: E402
-from console import one_line  # noqa: E402
+from imagedata.cache import DEFAULT_CHUNK, build_cache  # noqa: E402
+from helpers.console import one_line  # noqa: E402
 from dataset import DataError  # noqa: E402
-from run_data import SPLITS, build_run_datasets  # noqa: E402
+from training.run_data import SPLITS, build_run_datasets  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

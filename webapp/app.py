@@ -14,9 +14,9 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from console import one_line, safe_text
-from images import DataError
-from presets import VARIANT_PRESETS
+from helpers.console import one_line, safe_text
+from imagedata.images import DataError
+from helpers.presets import VARIANT_PRESETS
 from scoring import Scorer, output_columns, result_rows
 
 from .slots import Busy, Slots

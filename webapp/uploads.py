@@ -15,7 +15,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from console import safe_text
+from helpers.console import safe_text
 
 MAX_NAME = 200  # characters of a file name kept as its label
 PART_OVERHEAD = 16 << 10  # bytes of boundary and headers allowed per part on top of its data

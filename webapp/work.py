@@ -11,11 +11,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from images import DataError, PixelBudget, decode_image
-from presets import NUM_BINS
+from imagedata.images import DataError, PixelBudget, decode_image
+from helpers.presets import NUM_BINS
 from report.figures import ScoredImage, png_bytes, rgb_attention_figure
 from report.passes import rgb_attention_inputs
-from runtime import release_free_memory
+from helpers.runtime import release_free_memory
 from scoring import Scorer, ScoreResult, output_columns, result_rows, write_csv_rows
 
 from .uploads import Upload

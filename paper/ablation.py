@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import option
-from console import clip, progress
-from runtime import run_tied_child, stopped_by_signal
-from safe_io import atomic_save_json, atomic_write, json_text
+from helpers.console import clip, progress
+from helpers.runtime import run_tied_child, stopped_by_signal
+from helpers.safe_io import atomic_save_json, atomic_write, json_text
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[1]
 # The rows of Table 5: the paper's name of each variant and its branches.
 VARIANTS = (("APNet", ("aesthetics",)), ("APNet + TUNet", ("aesthetics", "theme")),
             ("APNet + RGBNet", ("aesthetics", "rgb")), ("TANet", ("aesthetics", "theme", "rgb")))

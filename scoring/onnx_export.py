@@ -23,9 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from models import TANet, load_tanet
-from onnx_model import ONNX_FORMAT, ExportError, OnnxModel, require
-from presets import INPUT_SHAPE, VARIANT_PRESETS, scores_1_to_10
-from safe_io import atomic_write, json_text, sha256_file
+from scoring.onnx_model import ONNX_FORMAT, ExportError, OnnxModel, require
+from helpers.presets import INPUT_SHAPE, VARIANT_PRESETS, scores_1_to_10
+from helpers.safe_io import atomic_write, json_text, sha256_file
 
 __all__ = ["ONNX_FORMAT", "OPSET", "PARITY_TOLERANCE", "ExportError", "Exported", "OnnxModel", "export_onnx",
            "metadata", "read_metadata"]

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from console import clip
+from helpers.console import clip
 from dataset import (
     DataError,
     ImageTableDataset,
@@ -34,7 +34,7 @@ from dataset import (
     rescale_scores,
     write_split_record,
 )
-from safe_io import sha256_file
+from helpers.safe_io import sha256_file
 
 RATINGS_CSV = "FLICKR-AES_image_labeled_by_each_worker.csv"
 MEAN_SCORES_TXT = "FLICKR-AES_image_score.txt"  # published beside the ratings; not read (module docstring)

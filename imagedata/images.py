@@ -15,7 +15,7 @@ from typing import IO, TYPE_CHECKING
 import numpy as np
 from PIL import ExifTags, Image, TiffImagePlugin
 
-from presets import IMAGENET_MEAN, IMAGENET_STD, TRANSFORMS
+from helpers.presets import IMAGENET_MEAN, IMAGENET_STD, TRANSFORMS
 
 if TYPE_CHECKING:
     import torch

@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from console import progress as progress_bar
-from presets import NUM_BINS
-from result_files import SCALE_REQUIREMENTS, ScoreResult, ScoringError
+from helpers.console import progress as progress_bar
+from helpers.presets import NUM_BINS
+from scoring.result_files import SCALE_REQUIREMENTS, ScoreResult, ScoringError
 from scoring import RefusedImage, Scorer, _ImageSources
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[1]
 DECODE_BYTES = 512 << 20  # a decoding worker (torch imported) and its batch, about
 
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from presets import INPUT_SHAPE, VARIANT_PRESETS
-from runtime import usable_cpus
-from safe_io import first_line
+from helpers.presets import INPUT_SHAPE, VARIANT_PRESETS
+from helpers.runtime import usable_cpus
+from helpers.safe_io import first_line
 
 __all__ = ["ONNX_FORMAT", "ExportError", "OnnxDevice", "OnnxModel", "is_onnx_file", "require"]
 

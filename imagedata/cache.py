@@ -26,12 +26,12 @@ import torchvision
 from torch.utils.data import Dataset
 from torchvision import transforms
 
-from console import progress as progress_bar
-from images import DataError, EvalTransform, Resize, load_image
-from presets import IMAGENET_MEAN, IMAGENET_STD
-from presets import INPUT_SIZE as MODEL_INPUT
-from runtime import usable_cpus
-from safe_io import atomic_save_json, sha256_file
+from helpers.console import progress as progress_bar
+from imagedata.images import DataError, EvalTransform, Resize, load_image
+from helpers.presets import IMAGENET_MEAN, IMAGENET_STD
+from helpers.presets import INPUT_SIZE as MODEL_INPUT
+from helpers.runtime import usable_cpus
+from helpers.safe_io import atomic_save_json, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -377,7 +377,7 @@ def _process_context() -> multiprocessing.context.BaseContext:
     """forkserver where there is one (forking this process, which may run threads, can deadlock), else spawn."""
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["cache"])  # the workers fork from a server that imported this module once
+        ctx.set_forkserver_preload(["imagedata.cache"])  # the workers fork from a server that imported this module once
         return ctx
     return multiprocessing.get_context("spawn")
 

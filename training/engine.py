@@ -12,10 +12,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from augment import augment_batch
-from console import progress as progress_bar
+from imagedata.augment import augment_batch
+from helpers.console import progress as progress_bar
 from models import conv_fusion_available, fold_batchnorm, fuse_conv_activations
-from presets import metric_scores, scores_1_to_10
+from helpers.presets import metric_scores, scores_1_to_10
 from util import correlation_undefined, emd_loss, emd_loss_reference, evaluation_metrics
 
 

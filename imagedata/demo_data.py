@@ -36,11 +36,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from safe_io import atomic_save_json, atomic_write, json_text, sha256_file
+from helpers.safe_io import atomic_save_json, atomic_write, json_text, sha256_file
 
 logger = logging.getLogger(__name__)
 
-REPO_DIR = Path(__file__).resolve().parent
+REPO_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_DEMO_ROOT = REPO_DIR / "data" / "demo"
 GENERATOR_VERSION = 1  # bump when the images or scores a given seed produces change
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from demo_data import (
+from imagedata.demo_data import (
     THEME_SOURCES,
     THEMES,
     ensure_generated,
@@ -34,11 +34,11 @@ from demo_data import (
     sample_photos,
     theme_score,
 )
-from flickr_aes import IMAGE_FOLDER, MEAN_SCORES_TXT, RATINGS_CSV
+from imagedata.flickr_aes import IMAGE_FOLDER, MEAN_SCORES_TXT, RATINGS_CSV
 
 logger = logging.getLogger(__name__)
 
-REPO_DIR = Path(__file__).resolve().parent
+REPO_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_ROOT = REPO_DIR / "data" / "demo_personal"
 TEST_WORKERS_FILE = "test_workers.txt"
 TASTES_FILE = "worker_tastes.csv"

@@ -13,8 +13,8 @@ from typing import Any
 
 import option
 from dataset import ImageTableDataset, build_datasets
-from flickr_aes import build_flickr_datasets
-from image_check import check_images
+from imagedata.flickr_aes import build_flickr_datasets
+from imagedata.image_check import check_images
 
 SPLITS = ("train", "val", "test")
 
@@ -68,7 +68,7 @@ def build_run_datasets(opts: Mapping[str, Any] | argparse.Namespace, *, splits: 
         out[split] = check_images(ds, mode=o["check_images"], split=split, skip_missing=o["skip_missing"],
                                   skip_bad=o["skip_bad"], log_dir=log_dir, progress=progress)
     if use_cache and o["cache_dir"]:
-        from cache import CachedDataset  # images from tools/prepare_cache.py's cache; refused if stale
+        from imagedata.cache import CachedDataset  # images from tools/prepare_cache.py's cache; refused if stale
 
         out = {split: CachedDataset(ds, Path(o["cache_dir"]) / split) for split, ds in out.items()}
     return out

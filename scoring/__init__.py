@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Any, Union
 import numpy as np
 from PIL import Image
 
-from console import progress as progress_bar
-from images import IMAGE_FORMATS, DataError, EvalTransform, link_leaves_folder, load_image, to_rgb
-from onnx_model import ExportError, OnnxModel, is_onnx_file
-from presets import INPUT_SHAPE, INPUT_SIZE, RELEASED, VARIANT_PRESETS, scores_1_to_10
-from runtime import AMP_MODES, precision_name, resolve_amp, resolve_device
-from result_files import (  # noqa: F401 - the results' part of this module's API
+from helpers.console import progress as progress_bar
+from imagedata.images import IMAGE_FORMATS, DataError, EvalTransform, link_leaves_folder, load_image, to_rgb
+from scoring.onnx_model import ExportError, OnnxModel, is_onnx_file
+from helpers.presets import INPUT_SHAPE, INPUT_SIZE, RELEASED, VARIANT_PRESETS, scores_1_to_10
+from helpers.runtime import AMP_MODES, precision_name, resolve_amp, resolve_device
+from scoring.result_files import (  # noqa: F401 - the results' part of this module's API
     OUTPUT_FORMATS,
     SORT_ORDERS,
     ScoreResult,
@@ -41,7 +41,7 @@ from result_files import (  # noqa: F401 - the results' part of this module's AP
     write_csv_rows,
     write_results,
 )
-from safe_io import CheckpointError
+from helpers.safe_io import CheckpointError
 from util import distribution_std
 
 if TYPE_CHECKING:  # torch, engine and models are imported where a PyTorch model is scored: an .onnx needs none
@@ -395,7 +395,7 @@ class Scorer:
         self.transform = EvalTransform(VARIANT_PRESETS[model.variant].transform)
         self.draft = (INPUT_SIZE, INPUT_SIZE) if draft else None
         if self.fast:  # the inference copy of --fold_bn --fuse_conv --channels_last, in this scorer's fusion
-            from engine import evaluation_model
+            from training.engine import evaluation_model
 
             model.theme_fusion = theme_fusion
             self._net = evaluation_model(model, device, fold_bn=True, fuse_conv=True, amp=amp, channels_last=True)
@@ -429,7 +429,7 @@ class Scorer:
         if isinstance(self.model, OnnxModel):
             parts.append("onnxruntime")
         if self.fast:
-            from engine import fuses_conv
+            from training.engine import fuses_conv
 
             fused = fuses_conv(True, self.device, self.amp)
             parts.append("folded BatchNorm" + (", fused convolutions" if fused else "") + ", channels-last")
@@ -505,7 +505,7 @@ class Scorer:
             return self._net(images)
         import torch
 
-        from engine import autocast, to_device
+        from training.engine import autocast, to_device
 
         with torch.no_grad(), self._scoring_mode(), autocast(self.device, self.amp):
             out = self._net(to_device(images, self.device, channels_last=self.fast))
@@ -571,7 +571,7 @@ def _check_options(device: torch.device | None, theme_fusion: str, batch_size: i
     if amp not in AMP_MODES:
         raise ScoringError(f"amp must be one of {AMP_MODES}, got {amp!r}")
     if device is not None:
-        from engine import autocast
+        from training.engine import autocast
 
         autocast(device, amp)  # refuses fp16 on the CPU now rather than at the first batch
 

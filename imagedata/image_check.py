@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from console import progress as progress_bar
+from helpers.console import progress as progress_bar
 from dataset import DataError, ImageTableDataset, load_image
-from runtime import usable_cpus
-from safe_io import atomic_write
+from helpers.runtime import usable_cpus
+from helpers.safe_io import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import pathlib
 import re
 import sys
 
-from console import progress as progress_bar
-from safe_io import atomic_write, first_line
+from helpers.console import progress as progress_bar
+from helpers.safe_io import atomic_write, first_line
 
 PathLike = str | os.PathLike
 

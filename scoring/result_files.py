@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import IO, Any, TextIO
 
-from presets import NUM_BINS
-from safe_io import atomic_save_json, atomic_write, csv_text_cell, csv_text_value, json_text
+from helpers.presets import NUM_BINS
+from helpers.safe_io import atomic_save_json, atomic_write, csv_text_cell, csv_text_value, json_text
 
 OUTPUT_FORMATS = (".csv", ".json", ".jsonl", ".parquet")
 SORT_ORDERS = ("none", "desc", "asc")
