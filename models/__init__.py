@@ -1,42 +1,38 @@
-"""TANet (He et al., IJCAI 2022) and the helpers that load and train it."""
-from .folding import fold_batchnorm
-from .fusion import FusedConv2d, conv_fusion_available, fuse_conv_activations
-from .optim import LR_SCHEDULES, PARAM_GROUPS, lr_factor, parameter_groups, scale_learning_rates
-from .tanet import BRANCHES, THEME_FUSION_MODES, VARIANTS, TANet, check_branches
-from .weights import (
-    checkpoints_dir,
-    infer_branches,
-    infer_variant,
-    load_checked,
-    load_mobilenet_v2,
-    load_places365_resnet18,
-    load_tanet,
-    read_tanet_checkpoint,
-    resolve_weights,
-)
+"""TANet (He et al., IJCAI 2022), its model registry, and the helpers that load and train it.
 
-__all__ = [
-    "FusedConv2d",
-    "LR_SCHEDULES",
-    "PARAM_GROUPS",
-    "BRANCHES",
-    "THEME_FUSION_MODES",
-    "TANet",
-    "VARIANTS",
-    "check_branches",
-    "checkpoints_dir",
-    "conv_fusion_available",
-    "fold_batchnorm",
-    "fuse_conv_activations",
-    "infer_branches",
-    "infer_variant",
-    "load_checked",
-    "load_mobilenet_v2",
-    "load_places365_resnet18",
-    "load_tanet",
-    "lr_factor",
-    "parameter_groups",
-    "read_tanet_checkpoint",
-    "resolve_weights",
-    "scale_learning_rates",
-]
+``list_models``, ``get_pretrained_cfg`` and ``PretrainedCfg`` need no torch (the light scoring install
+reads them); the network and its helpers are imported on first use.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .registry import PretrainedCfg, create_model, get_pretrained_cfg, list_models, register_model
+
+_LAZY = {  # name -> submodule (these import torch)
+    "fold_batchnorm": "folding",
+    "FusedConv2d": "fusion", "conv_fusion_available": "fusion", "fuse_conv_activations": "fusion",
+    "LR_SCHEDULES": "optim", "PARAM_GROUPS": "optim", "lr_factor": "optim", "parameter_groups": "optim",
+    "scale_learning_rates": "optim",
+    "BRANCHES": "tanet", "THEME_FUSION_MODES": "tanet", "VARIANTS": "tanet", "TANet": "tanet",
+    "check_branches": "tanet",
+    "checkpoints_dir": "weights", "infer_branches": "weights", "infer_variant": "weights", "load_checked": "weights",
+    "load_mobilenet_v2": "weights", "load_places365_resnet18": "weights", "load_tanet": "weights",
+    "read_tanet_checkpoint": "weights", "resolve_weights": "weights",
+}
+
+__all__ = ["PretrainedCfg", "create_model", "get_pretrained_cfg", "list_models", "register_model", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
