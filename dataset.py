@@ -460,15 +460,14 @@ class ScoreImageDataset(ImageTableDataset):
 class AVADataset(ImageTableDataset):
     """AVA data: an `image_id,score2..score11,tag1..tag3` CSV and a folder of `<image_id>.jpg`.
 
-    variant "ava": target = votes / sum(votes), shape (10,); variant "tad66k": target = mean
-    score / 10, shape (1,).  `score` is the mean score sum_k k p_k on 1..10; themes are "".
+    ``distribution`` (a model whose output is a distribution, the "ava" variant): target = votes / sum(votes),
+    shape (10,); else (one score, "tad66k"): target = mean score / 10, shape (1,). `score` is the mean
+    score sum_k k p_k on 1..10; themes are "".
     """
 
     def __init__(self, csv_path: str | os.PathLike, image_dir: str | os.PathLike, *, train: bool,
-                 variant: str = "ava", skip_bad: bool = False, allow_outside: bool = False,
+                 distribution: bool = True, skip_bad: bool = False, allow_outside: bool = False,
                  follow_symlinks: bool = False) -> None:
-        if variant not in ("ava", "tad66k"):
-            raise ValueError(f"variant must be 'ava' or 'tad66k', got {variant!r}")
         df = read_ava_csv(csv_path)
         csv_path = Path(csv_path)
         paths = image_paths(csv_path, image_dir, df["image_id"], allow_outside, suffix=".jpg",
@@ -476,13 +475,13 @@ class AVADataset(ImageTableDataset):
         votes = df[list(AVA_VOTE_COLUMNS)].to_numpy(dtype=np.float64)
         dist = votes / votes.sum(axis=1, keepdims=True)
         scores = dist @ np.arange(1, 11, dtype=np.float64)
-        targets = dist if variant == "ava" else (scores / 10.0)[:, None]
+        targets = dist if distribution else (scores / 10.0)[:, None]
         super().__init__(names=df["image_id"].tolist(), paths=paths, scores=scores, targets=targets,
                          themes=[""] * len(df), transform=build_transform("ava", train), skip_bad=skip_bad,
                          source=csv_path)
         self.train = bool(train)
         self.transform_style = "ava"
-        self.variant = variant
+        self.distribution = bool(distribution)
 
 
 def collate_skip_none(batch: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
@@ -637,7 +636,7 @@ def tad66k_csv_files(root: str | os.PathLike) -> tuple[Path, Path, tuple[Path, P
                     f"(the data/TAD66K form) nor train.csv and test.csv (the reference's form)")
 
 
-def build_datasets(name: str, *, variant: str, image_dir: str | os.PathLike | None = None,
+def build_datasets(name: str, *, distribution: bool, image_dir: str | os.PathLike | None = None,
                    csv_dir: str | os.PathLike | None = None, validation: str = "split",
                    val_fraction: float = 0.1, seed: int = 0, score_range: Sequence[float] = (1.0, 10.0),
                    skip_bad: bool = False, train_csv: str | os.PathLike | None = None,
@@ -645,7 +644,8 @@ def build_datasets(name: str, *, variant: str, image_dir: str | os.PathLike | No
                    split_dir: str | os.PathLike | None = None, allow_outside: bool = False,
                    follow_symlinks: bool = False, demo_options: Mapping[str, Any] | None = None) -> dict[str, Dataset]:
     """{"train", "val", "test"} datasets for name "tad66k", "ava", "csv" (your own image,score CSVs)
-    or "demo" (generated on first use).
+    or "demo" (generated on first use). ``distribution``: the targets are vote distributions (a model
+    like the "ava" variant; AVA's data only), else one score / 10.
 
     validation "split": val is carved off the training CSV's rows in memory (``carve_validation``;
     recorded in split_dir by ``write_split_record`` when given), or AVA's val.csv; "test": val is the
@@ -655,15 +655,13 @@ def build_datasets(name: str, *, variant: str, image_dir: str | os.PathLike | No
     if name not in ("tad66k", "ava", "csv", "demo"):
         hint = " (FLICKR-AES: flickr_aes.build_flickr_datasets)" if name == "flickr_aes" else ""
         raise ValueError(f"dataset must be one of tad66k, ava, csv, demo; got {name!r}{hint}")
-    if variant not in ("tad66k", "ava"):
-        raise ValueError(f"variant must be 'tad66k' or 'ava', got {variant!r}")
     if validation not in ("split", "test"):
         raise ValueError(f"validation must be 'split' or 'test', got {validation!r}")
-    if name != "ava" and variant == "ava":
+    if name != "ava" and distribution:
         raise ValueError(f"the 'ava' variant needs vote distributions, which only the AVA data has; "
                          f"use variant 'tad66k' with dataset {name!r}")
     if name == "ava":
-        return _build_ava(variant=variant, image_dir=image_dir, csv_dir=csv_dir, validation=validation,
+        return _build_ava(distribution=distribution, image_dir=image_dir, csv_dir=csv_dir, validation=validation,
                           skip_bad=skip_bad, train_csv=train_csv, val_csv=val_csv, test_csv=test_csv,
                           allow_outside=allow_outside, follow_symlinks=follow_symlinks)
 
@@ -713,7 +711,7 @@ def build_datasets(name: str, *, variant: str, image_dir: str | os.PathLike | No
     return {"train": full.subset(~is_val), "val": full.subset(is_val, train=False), "test": test}
 
 
-def _build_ava(*, variant: str, image_dir: str | os.PathLike | None, csv_dir: str | os.PathLike | None,
+def _build_ava(*, distribution: bool, image_dir: str | os.PathLike | None, csv_dir: str | os.PathLike | None,
                validation: str, skip_bad: bool, train_csv: str | os.PathLike | None,
                val_csv: str | os.PathLike | None, test_csv: str | os.PathLike | None,
                allow_outside: bool, follow_symlinks: bool) -> dict[str, Dataset]:
@@ -730,7 +728,8 @@ def _build_ava(*, variant: str, image_dir: str | os.PathLike | None, csv_dir: st
         val_path = test_path
     else:
         val_path = _existing_csv(Path(val_csv) if val_csv is not None else root / "val.csv", "AVA validation")
-    common = dict(variant=variant, skip_bad=skip_bad, allow_outside=allow_outside, follow_symlinks=follow_symlinks)
+    common = dict(distribution=distribution, skip_bad=skip_bad, allow_outside=allow_outside,
+                  follow_symlinks=follow_symlinks)
     return {"train": AVADataset(train_path, image_dir, train=True, **common),
             "val": AVADataset(val_path, image_dir, train=False, **common),
             "test": AVADataset(test_path, image_dir, train=False, **common)}

@@ -12,7 +12,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -20,7 +22,8 @@ from tensorboardX import SummaryWriter
 
 import option
 from helpers.console import SafeFormatter, one_line
-from dataset import DataError, collate_skip_none
+from dataset import collate_skip_none
+from imagedata.images import DataError
 from training.run_data import build_run_datasets
 from training.engine import (
     NonFiniteError,
@@ -40,6 +43,7 @@ from models import (
     check_branches,
     PARAM_GROUPS,
     TANet,
+    get_pretrained_cfg,
     load_mobilenet_v2,
     load_places365_resnet18,
     load_tanet,
@@ -165,8 +169,8 @@ def load_data(args: argparse.Namespace, out: Path, is_main: bool, world: int) ->
         dist.barrier()
     splits = ("test",) if args.test_only else ("train", "val", "test")
     split_dir = (Path(args.split_dir) if args.split_dir else out / "split") if is_main else None
-    sets = build_run_datasets(args, splits=splits, split_dir=split_dir, log_dir=out if is_main else None,
-                              progress=not args.quiet and is_main)
+    sets = build_run_datasets(option.complete_options(args), splits=splits, split_dir=split_dir,
+                              log_dir=out if is_main else None, progress=not args.quiet and is_main)
     if world > 1 and is_main:
         dist.barrier()
     if args.cache_dir:
@@ -179,17 +183,19 @@ def build_model(args: argparse.Namespace, device: torch.device, weights: Path | 
     unsafe = args.allow_unsafe_load
     if weights is not None:
         model, _ = load_tanet(weights, variant=args.variant, branches=args.branches, theme_fusion=args.theme_fusion,
-                              allow_unsafe=unsafe, model_class=TANet)
+                              allow_unsafe=unsafe, model_class=TANet, head_dropout=args.head_dropout)
         log.info("weights: %s", weights)
     elif args.backbones == "pretrained":
-        model = TANet(args.variant, theme_fusion=args.theme_fusion, branches=args.branches or BRANCHES)
+        model = TANet(args.variant, theme_fusion=args.theme_fusion, branches=args.branches or BRANCHES,
+                      head_dropout=args.head_dropout)
         kw = {"directory": args.checkpoints_dir, "download_missing": args.download}
         if model.has_theme_network:
             load_places365_resnet18(model, resolve_weights("resnet18_places365.pth.tar", **kw), allow_unsafe=unsafe)
         load_mobilenet_v2(model, resolve_weights("mobilenetv2.pth.tar", **kw), allow_unsafe=unsafe)
         log.info("backbones: Places365 ResNet-18 and ImageNet MobileNetV2")
     else:
-        model = TANet(args.variant, theme_fusion=args.theme_fusion, branches=args.branches or BRANCHES)
+        model = TANet(args.variant, theme_fusion=args.theme_fusion, branches=args.branches or BRANCHES,
+                      head_dropout=args.head_dropout)
         log.info("backbones: random initialisation")
     args.branches = list(model.branches)
     if args.branches != list(BRANCHES):
@@ -237,7 +243,7 @@ def timed_evaluate(model, dataset, args, device, criterion, rank, world) -> tupl
 
 def final_results(preds: Predictions, args, device: torch.device, split: str, checkpoint: str, extra: dict) -> dict:
     metrics = preds.metrics(args.variant)
-    if args.variant == "tad66k":
+    if not get_pretrained_cfg(args.variant).is_distribution:
         metrics.pop("emd", None)
     if "undefined" in metrics:  # a NaN SRCC/PLCC says why, in the log and in results.json
         log.warning("test SRCC and PLCC are undefined: %s", metrics["undefined"]["srcc"])
@@ -268,7 +274,8 @@ def make_report(out: Path, args: argparse.Namespace, device: torch.device, check
         return
     try:
         report = write_report(out, device=str(device), num_workers=args.num_workers, progress=not args.quiet,
-                              checkpoint=checkpoint, options=vars(args) if args.test_only else None)
+                              checkpoint=checkpoint, options=vars(args) if args.test_only else None,
+                              complete_options=option.complete_options)
         log.info("report: %s", report.html)
     except (ReportError, DataError, CheckpointError) as exc:
         log.warning("report not written: %s", exc)
@@ -314,7 +321,8 @@ def save_run_checkpoint(path: Path, model, optimizer, scaler, state: dict, args,
             time.sleep(wait)
 
 
-RECIPE_OPTIONS = ("batch_size", "seed", "loss", "lr_schedule", "init_lr", *(f"init_lr_{g}" for g in PARAM_GROUPS))
+RECIPE_OPTIONS = ("batch_size", "seed", "loss", "lr_schedule", "head_dropout", "init_lr",
+                  *(f"init_lr_{g}" for g in PARAM_GROUPS))
 
 
 def changed_options(saved: dict, args: argparse.Namespace) -> str:
@@ -380,66 +388,112 @@ def check_run_folder(args: argparse.Namespace, out: Path) -> None:
                              f"{free_folder(out, '-2')}")
 
 
+@dataclass
+class Trial:
+    """What the steps of a run share: where it runs, its data, its model, and how training stands."""
+
+    args: argparse.Namespace
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    status: dict  # status["phase"]: where the run is, for the message of an interrupted run
+    data: dict = field(default_factory=dict)
+    weights: Path | None = None  # --path_to_model_weight, resolved
+    model: TANet | None = None
+    net: Any = None  # what trains: the model, compiled and wrapped in DDP as asked
+    criterion: Callable | None = None
+    report_criterion: Callable | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    scaler: torch.amp.GradScaler | None = None
+    state: dict = field(default_factory=lambda: {"epoch": 0, "best_metric": None, "best_epoch": None, "history": []})
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
 def run(args: argparse.Namespace, rank: int, world: int, device: torch.device, out: Path,
         status: dict | None = None) -> dict:
     """Train (or, with ``--test_only``, evaluate) and write the run's outputs; ``status["phase"]`` says
     where it is (for the message of an interrupted run)."""
-    status = {} if status is None else status
-    seed_everything(args.seed + rank)
+    trial = Trial(args, rank, world, device, out, {} if status is None else status)
+    prepare_trial(trial)
+    if args.test_only:
+        return test_only(trial)
+    prepare_training(trial)
+    resume_training(trial)
+    train_epochs(trial)
+    return final_test(trial)
+
+
+def prepare_trial(t: Trial) -> None:
+    """Seed the process, load the data, build the model and choose the training and test losses."""
+    args = t.args
+    seed_everything(args.seed + t.rank)
     if args.num_workers is None:
         args.num_workers = default_loader_workers()
-    is_main = rank == 0
-    status["phase"] = "loading the data"
-    data = load_data(args, out, is_main, world)
-    log.info("data: %s", ", ".join(f"{k} {len(v)}" for k, v in data.items()))
-    weights = None
+    t.status["phase"] = "loading the data"
+    t.data = load_data(args, t.out, t.is_main, t.world)
+    log.info("data: %s", ", ".join(f"{k} {len(v)}" for k, v in t.data.items()))
     if args.path_to_model_weight:
-        weights = resolve_weights(args.path_to_model_weight, directory=args.checkpoints_dir,
-                                  download_missing=args.download)
-    model = build_model(args, device, weights)
-    if args.fold_bn and args.fuse_conv and not fuses_conv(args.fuse_conv, device, args.amp):
+        t.weights = resolve_weights(args.path_to_model_weight, directory=args.checkpoints_dir,
+                                    download_missing=args.download)
+    t.model = build_model(args, t.device, t.weights)
+    if args.fold_bn and args.fuse_conv and not fuses_conv(args.fuse_conv, t.device, args.amp):
         log.info("--fuse_conv: not used on %s in %s (a CPU path that needs oneDNN, and for bf16 AVX-512)",
-                 device, args.amp)
+                 t.device, args.amp)
     loss_name = default_loss(args.variant) if args.loss == "auto" else args.loss
-    criterion = make_criterion(loss_name)
-    report_criterion = make_criterion("mse") if args.variant == "tad66k" else make_criterion("emd_reference")
+    t.criterion = make_criterion(loss_name)
+    t.report_criterion = make_criterion(default_loss(args.variant))
 
-    if args.test_only:
-        status["phase"] = "the test"
-        preds, timing = timed_evaluate(model, data["test"], args, device, report_criterion, rank, world)
-        results = final_results(preds, args, device, "test", str(weights), timing)
-        if is_main:
-            save_predictions(preds, args.variant, out / PREDICTIONS_CSV)
-            atomic_save_json(results, out / "results.json")
-            make_report(out, args, device, str(weights))
-            if in_experiment():
-                report_to_nni(results, args, final=True)
-        log.info("test: %s (%d images)", summary(results), results["n_images"])
-        return results
 
-    net = model
+def test_only(t: Trial) -> dict:
+    """``--test_only``: score the test split with the given weights and write the outputs."""
+    args = t.args
+    t.status["phase"] = "the test"
+    preds, timing = timed_evaluate(t.model, t.data["test"], args, t.device, t.report_criterion, t.rank, t.world)
+    results = final_results(preds, args, t.device, "test", str(t.weights), timing)
+    if t.is_main:
+        save_predictions(preds, args.variant, t.out / PREDICTIONS_CSV)
+        atomic_save_json(results, t.out / "results.json")
+        make_report(t.out, args, t.device, str(t.weights))
+        if in_experiment():
+            report_to_nni(results, args, final=True)
+    log.info("test: %s (%d images)", summary(results), results["n_images"])
+    return results
+
+
+def prepare_training(t: Trial) -> None:
+    """The network that trains (compiled, wrapped in DDP as asked), its optimiser and gradient scaler."""
+    args, device = t.args, t.device
+    net = t.model
     if args.compile:
         net = torch.compile(net)
-    if world > 1:
-        unused = args.variant == "tad66k" or args.theme_fusion == "isolated"
+    if t.world > 1:
+        # softmax theme normalisation leaves the BatchNorm and PReLU of the theme matrix unused
+        unused = get_pretrained_cfg(args.variant).theme_normalise == "softmax" or args.theme_fusion == "isolated"
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
+    t.net = net
     lrs = {name: getattr(args, f"init_lr_{name}") for name in PARAM_GROUPS}
-    optimizer = torch.optim.Adam(parameter_groups(model, lrs), lr=args.init_lr)
-    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
+    t.optimizer = torch.optim.Adam(parameter_groups(t.model, lrs), lr=args.init_lr)
+    t.scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
 
-    state = {"epoch": 0, "best_metric": None, "best_epoch": None, "history": []}
-    last, best = out / "last.pth", out / "best.pth"
+
+def resume_training(t: Trial) -> None:
+    """With ``--resume``, continue from the run folder's checkpoint (``--resume_from``) when it has one."""
+    args, out = t.args, t.out
     start = out / f"{args.resume_from}.pth"
     if args.resume and start.is_file():
         ckpt = read_resume_checkpoint(start, out)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        restore_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
-        state = {k: ckpt[k] for k in state}
-        log.info("resumed from %s after epoch %d", start, state["epoch"])
+        t.model.load_state_dict(ckpt["model"])
+        t.optimizer.load_state_dict(ckpt["optimizer"])
+        if t.scaler is not None and ckpt.get("scaler"):
+            t.scaler.load_state_dict(ckpt["scaler"])
+        restore_rng_state(ckpt["rng"][t.rank] if t.rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        t.state = {k: ckpt[k] for k in t.state}
+        log.info("resumed from %s after epoch %d", start, t.state["epoch"])
         changed = changed_options(ckpt.get("options") or {}, args)
         if changed:  # allowed (an NNI tuner may change them), but the run is no longer one recipe
             log.warning("--resume with options other than the checkpoint's run: %s; the epochs from now on train "
@@ -447,74 +501,106 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device, o
     elif args.resume:
         log.info("nothing to resume in %s: starting a new run", out)
 
-    writer = SummaryWriter(str(out / "logs")) if is_main else None
-    for epoch in range(state["epoch"], args.num_epoch):
-        status["phase"] = f"epoch {epoch + 1} of {args.num_epoch}"
-        loader = make_loader(data["train"], batch_size=args.batch_size, train=True, num_workers=args.num_workers,
-                             device=device, seed=args.seed, epoch=epoch, rank=rank, world_size=world,
-                             collate_fn=collate_skip_none)
-        started = time.time()
-        total_steps, done_steps = args.num_epoch * len(loader), epoch * len(loader)
-        train_loss = train_one_epoch(
-            net, loader, optimizer, criterion, device, epoch=epoch, amp=args.amp, scaler=scaler,
-            channels_last=args.channels_last, progress=not args.quiet and is_main,
-            before_step=lambda i: scale_learning_rates(
-                optimizer, lr_factor(args.lr_schedule, done_steps + i, total_steps)))
-        train_seconds = time.time() - started
-        val = evaluate(net, data["val"], args, device, criterion, rank, world, "val")
-        val = val.metrics(args.variant, per_theme=False)
-        seconds = time.time() - started
-        value = val[args.metric]
-        improved = is_better(value, state["best_metric"])
-        if improved:
-            state["best_metric"], state["best_epoch"] = value, epoch + 1
-        state["epoch"] = epoch + 1
-        state["history"].append({"epoch": epoch + 1, "train_loss": train_loss, "seconds": seconds,
-                                 "train_images_per_s": round(len(data["train"]) / train_seconds, 1),
-                                 **{f"val_{k}": v for k, v in val.items() if k not in ("per_theme", "undefined")},
-                                 **({"val_undefined": val["undefined"]["srcc"]} if "undefined" in val else {})})
-        rng = all_rng_states(world)
-        if is_main:
-            if improved:
-                save_run_checkpoint(best, model, optimizer, scaler, state, args, rng)
-            save_run_checkpoint(last, model, optimizer, scaler, state, args, rng)
-            log.info("epoch %d/%d: train loss %.4f; val %s; %.0f s%s", epoch + 1, args.num_epoch, train_loss,
-                     summary(val), seconds, " (best)" if improved else "")
-            writer.add_scalar("train/loss", train_loss, epoch + 1)
-            for k in ("loss", "srcc", "plcc", "accuracy", "mse", "emd"):
-                if k in val:
-                    writer.add_scalar(f"val/{k}", val[k], epoch + 1)
-            for group in optimizer.param_groups:
-                writer.add_scalar(f"lr/{group['name']}", group["lr"], epoch + 1)
-            writer.flush()
-            if in_experiment():
-                report_to_nni(val, args, final=False)
+
+def train_epochs(t: Trial) -> None:
+    """The epochs from the one after ``t.state["epoch"]`` to ``--num_epoch``: each trained, validated,
+    checkpointed, logged and reported."""
+    args = t.args
+    writer = SummaryWriter(str(t.out / "logs")) if t.is_main else None
+    for epoch in range(t.state["epoch"], args.num_epoch):
+        t.status["phase"] = f"epoch {epoch + 1} of {args.num_epoch}"
+        train_loss, val, seconds, improved = train_epoch(t, epoch)
+        rng = all_rng_states(t.world)
+        if t.is_main:
+            record_epoch(t, writer, rng, epoch, train_loss, val, seconds, improved)
     if writer is not None:
         writer.close()
 
-    if world > 1:
+
+def train_epoch(t: Trial, epoch: int) -> tuple[float, dict, float, bool]:
+    """Train one epoch and validate it; (train loss, validation metrics, seconds, whether it is the best)."""
+    args, optimizer = t.args, t.optimizer
+    loader = make_loader(t.data["train"], batch_size=args.batch_size, train=True, num_workers=args.num_workers,
+                         device=t.device, seed=args.seed, epoch=epoch, rank=t.rank, world_size=t.world,
+                         collate_fn=collate_skip_none)
+    started = time.time()
+    total_steps, done_steps = args.num_epoch * len(loader), epoch * len(loader)
+    train_loss = train_one_epoch(
+        t.net, loader, optimizer, t.criterion, t.device, epoch=epoch, amp=args.amp, scaler=t.scaler,
+        channels_last=args.channels_last, progress=not args.quiet and t.is_main,
+        before_step=lambda i: scale_learning_rates(
+            optimizer, lr_factor(args.lr_schedule, done_steps + i, total_steps)))
+    train_seconds = time.time() - started
+    val = evaluate(t.net, t.data["val"], args, t.device, t.criterion, t.rank, t.world, "val")
+    val = val.metrics(args.variant, per_theme=False)
+    seconds = time.time() - started
+    value = val[args.metric]
+    state = t.state
+    improved = is_better(value, state["best_metric"])
+    if improved:
+        state["best_metric"], state["best_epoch"] = value, epoch + 1
+    state["epoch"] = epoch + 1
+    state["history"].append({"epoch": epoch + 1, "train_loss": train_loss, "seconds": seconds,
+                             "train_images_per_s": round(len(t.data["train"]) / train_seconds, 1),
+                             **{f"val_{k}": v for k, v in val.items() if k not in ("per_theme", "undefined")},
+                             **({"val_undefined": val["undefined"]["srcc"]} if "undefined" in val else {})})
+    return train_loss, val, seconds, improved
+
+
+def record_epoch(t: Trial, writer: SummaryWriter, rng: list, epoch: int, train_loss: float, val: dict,
+                 seconds: float, improved: bool) -> None:
+    """Rank 0's records of a finished epoch: the checkpoints, the log line, TensorBoard and NNI."""
+    args = t.args
+    if improved:
+        save_run_checkpoint(t.out / "best.pth", t.model, t.optimizer, t.scaler, t.state, args, rng)
+    save_run_checkpoint(t.out / "last.pth", t.model, t.optimizer, t.scaler, t.state, args, rng)
+    log.info("epoch %d/%d: train loss %.4f; val %s; %.0f s%s", epoch + 1, args.num_epoch, train_loss,
+             summary(val), seconds, " (best)" if improved else "")
+    writer.add_scalar("train/loss", train_loss, epoch + 1)
+    for k in ("loss", "srcc", "plcc", "accuracy", "mse", "emd"):
+        if k in val:
+            writer.add_scalar(f"val/{k}", val[k], epoch + 1)
+    for group in t.optimizer.param_groups:
+        writer.add_scalar(f"lr/{group['name']}", group["lr"], epoch + 1)
+    writer.flush()
+    if in_experiment():
+        report_to_nni(val, args, final=False)
+
+
+def load_best_weights(t: Trial) -> str:
+    """Load the best epoch's weights for the test; what they are (a checkpoint's path, or "initial weights")."""
+    args, out = t.args, t.out
+    last, best = out / "last.pth", out / "best.pth"
+    if t.world > 1:
         dist.barrier()  # rank 0 has written the last epoch's best.pth before any rank reads it
     if best.is_file():
-        model.load_state_dict(safe_torch_load(best)["model"])
+        t.model.load_state_dict(safe_torch_load(best)["model"])
         checkpoint = str(best)
     else:  # no epoch, or no finite validation metric: test the last weights
         checkpoint = str(last) if last.is_file() else "initial weights"
-    if checkpoint == "initial weights" and weights is None:
+    if checkpoint == "initial weights" and t.weights is None:
         log.warning("--num_epoch %d: the test scores untrained weights (%s); pass --path_to_model_weight to test "
                     "a trained model", args.num_epoch, "backbones pretrained, heads random"
                     if args.backbones == "pretrained" else "random initialisation")
-    status["phase"] = "the test"
-    preds, timing = timed_evaluate(net, data["test"], args, device, report_criterion, rank, world)
-    results = final_results(preds, args, device, "test", checkpoint, {**timing,
+    return checkpoint
+
+
+def final_test(t: Trial) -> dict:
+    """Score the test split with the best weights and write the run's results, predictions and report."""
+    args, state = t.args, t.state
+    checkpoint = load_best_weights(t)
+    t.status["phase"] = "the test"
+    preds, timing = timed_evaluate(t.net, t.data["test"], args, t.device, t.report_criterion, t.rank, t.world)
+    results = final_results(preds, args, t.device, "test", checkpoint, {**timing,
         "best_epoch": state["best_epoch"],
         "selection": f"{args.metric} on {'test' if args.validation == 'test' else 'val'}",
         "best_val_metric": state["best_metric"], "history": state["history"],
     })
-    if is_main:
-        save_predictions(preds, args.variant, out / PREDICTIONS_CSV)
-        atomic_save_json(results, out / "results.json")
+    if t.is_main:
+        save_predictions(preds, args.variant, t.out / PREDICTIONS_CSV)
+        atomic_save_json(results, t.out / "results.json")
         log.info("test (best epoch %s): %s (%d images)", state["best_epoch"], summary(results), results["n_images"])
-        make_report(out, args, device, None)
+        make_report(t.out, args, t.device, None)
         if in_experiment():
             report_to_nni(results, args, final=True)
     return results

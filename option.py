@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping, Sequence
+from typing import Any, NoReturn
 
 DATASETS = ("tad66k", "ava", "csv", "demo", "flickr_aes")
 VARIANT_NAMES = ("tad66k", "ava")
@@ -24,7 +25,7 @@ SELECTION_METRICS = ("srcc", "plcc", "accuracy")
 # Defaults that depend on --dataset: the reference's for TAD66K and AVA, a CPU recipe for the demo.
 REFERENCE_LR = 3e-4  # the reference option.py's default for every learning rate
 _REFERENCE = {"backbones": "pretrained", "channels_last": False, "amp": "none", "fold_bn": False, "fuse_conv": False,
-              "lr_schedule": "constant",
+              "lr_schedule": "constant", "head_dropout": 0.75,
               **{k: REFERENCE_LR for k in LR_OPTIONS}}
 DATASET_DEFAULTS: dict[str, dict[str, object]] = {
     "tad66k": {"batch_size": 40, "num_epoch": 200, **_REFERENCE},
@@ -32,11 +33,14 @@ DATASET_DEFAULTS: dict[str, dict[str, object]] = {
     "ava": {"batch_size": 48, "num_epoch": 20, **_REFERENCE},
     # FLICKR-AES's generic model: the authors withhold their recipe; TAD66K's (a single score, MSE).
     "flickr_aes": {"batch_size": 40, "num_epoch": 200, **_REFERENCE},
-    # From scratch on 2 CPU cores: larger steps, few epochs (see README, "Demo dataset").
+    # From scratch on 2 CPU cores: larger steps, few epochs, a cosine schedule and light head dropout
+    # (the reference's 0.75 leaves the run on the steep part of its curve; docs/measurements_2026-12-07.md).
     "demo": {
         **_REFERENCE,
         "batch_size": 40,
         "num_epoch": 4,
+        "lr_schedule": "cosine",
+        "head_dropout": 0.1,
         "backbones": "random",
         "channels_last": True,
         "amp": "auto",
@@ -115,19 +119,49 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
 
 def add_checkpoint_options(p: argparse.ArgumentParser | argparse._ArgumentGroup, *, weight_option: bool = True) -> None:
     """The options that find a TANet checkpoint to score with (predict.py, serve.py, tools/export.py):
-    ``--path_to_model_weight`` (unless the script takes it as a positional argument), ``--variant``,
-    ``--checkpoints_dir``, ``--download``, ``--allow_unsafe_load``."""
+    ``--path_to_model_weight`` and ``--model`` (which set the same value; with ``weight_option=False``
+    the script takes a positional checkpoint and ``--model`` sets ``model``), ``--variant``,
+    ``--checkpoints_dir``, ``--download`` (or ``--pretrained``), ``--allow_unsafe_load``."""
     if weight_option:
         p.add_argument("--path_to_model_weight", default=None,
                        help="TANet checkpoint: a path (ours, a released one, or an ONNX export), or a released "
                             "file name looked up in --checkpoints_dir")
+    p.add_argument("--model", dest="path_to_model_weight" if weight_option else "model", default=None, metavar="NAME",
+                   help="a registered model (tanet-tad66k, tanet-ava, ...): its released weights, from "
+                        "$TANET_CHECKPOINTS (else the torch hub folder's checkpoints/) or checkpoints/")
     p.add_argument("--variant", choices=VARIANT_NAMES, default=None,
                    help="model variant, only needed when the checkpoint does not tell (it must agree with it)")
     p.add_argument("--checkpoints_dir", default=None,
                    help="folder of weight files (default: $TANET_CHECKPOINTS or checkpoints/)")
-    p.add_argument("--download", action="store_true", help="download a released checkpoint that is not there yet")
+    p.add_argument("--download", "--pretrained", action="store_true",
+                   help="download a released checkpoint that is not there yet (--model: into $TANET_CHECKPOINTS, "
+                        "else the torch hub folder's checkpoints/)")
     p.add_argument("--allow_unsafe_load", action="store_true",
                    help="allow weight files that need full unpickling (can run code: trusted files only)")
+
+
+def add_speed_options(p: argparse.ArgumentParser) -> None:
+    """The options of ``main_nni.py`` that make a run faster without changing what it computes."""
+    speed = p.add_argument_group("speed")
+    speed.add_argument("--cache_dir", type=str, default=None,
+                       help="read the images from this prepared-dataset cache (built by tools/prepare_cache.py "
+                            "with the same data options; see README, Speed)")
+    speed.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default=None,
+                       help="autocast precision: auto (bf16 on a GPU or a CPU with bfloat16 instructions, else none), "
+                            "none (float32), bf16, fp16 (CUDA only, with a gradient scaler); default: auto for the "
+                            "demo, else none")
+    speed.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
+                       help="channels-last memory format (same numbers; default: on for the demo, off otherwise)")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the model")
+    speed.add_argument("--allocator", choices=("tuned", "system"), default="tuned",
+                       help="on the CPU, tuned: glibc keeps freed tensor memory for the next step instead of "
+                            "unmapping it (same numbers, far less system time; default); system: as the reference ran")
+    speed.add_argument("--fold_bn", action=argparse.BooleanOptionalAction, default=None,
+                       help="evaluate a copy with each BatchNorm folded into its convolution (same numbers up to "
+                            "rounding; default: on for the demo, off otherwise)")
+    speed.add_argument("--fuse_conv", action=argparse.BooleanOptionalAction, default=None,
+                       help="with --fold_bn, on the CPU: each convolution runs with its ReLU/ReLU6 and residual sum "
+                            "fused in (oneDNN; same numbers up to rounding; default: on for the demo, off otherwise)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--lr_schedule", choices=("constant", "cosine"), default=None,
                      help="constant: the reference; cosine: every learning rate falls from its initial value "
                           "towards 0 over the run, step by step (default: per dataset)")
+    run.add_argument("--head_dropout", type=float, default=None,
+                     help="dropout before the Linear of the fusion, aesthetics and RGB heads, in [0, 1) (the "
+                          "reference: 0.75; default: per dataset)")
     run.add_argument("--eval_batch_size", type=int, default=None,
                      help="evaluation batch size (default: --batch_size, as the reference)")
 
@@ -186,26 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_argument("--allow_unsafe_load", action="store_true",
                          help="allow weight files that need full unpickling (can run code: trusted files only)")
 
-    speed = p.add_argument_group("speed")
-    speed.add_argument("--cache_dir", type=str, default=None,
-                       help="read the images from this prepared-dataset cache (built by tools/prepare_cache.py "
-                            "with the same data options; see README, Speed)")
-    speed.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default=None,
-                       help="autocast precision: auto (bf16 on a GPU or a CPU with bfloat16 instructions, else none), "
-                            "none (float32), bf16, fp16 (CUDA only, with a gradient scaler); default: auto for the "
-                            "demo, else none")
-    speed.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
-                       help="channels-last memory format (same numbers; default: on for the demo, off otherwise)")
-    speed.add_argument("--compile", action="store_true", help="torch.compile the model")
-    speed.add_argument("--allocator", choices=("tuned", "system"), default="tuned",
-                       help="on the CPU, tuned: glibc keeps freed tensor memory for the next step instead of "
-                            "unmapping it (same numbers, far less system time; default); system: as the reference ran")
-    speed.add_argument("--fold_bn", action=argparse.BooleanOptionalAction, default=None,
-                       help="evaluate a copy with each BatchNorm folded into its convolution (same numbers up to "
-                            "rounding; default: on for the demo, off otherwise)")
-    speed.add_argument("--fuse_conv", action=argparse.BooleanOptionalAction, default=None,
-                       help="with --fold_bn, on the CPU: each convolution runs with its ReLU/ReLU6 and residual sum "
-                            "fused in (oneDNN; same numbers up to rounding; default: on for the demo, off otherwise)")
+    add_speed_options(p)
 
     out = p.add_argument_group("outputs")
     out.add_argument("--no_report", action="store_true", help="do not write the figures and HTML report at the end")
@@ -223,6 +241,29 @@ def apply_dataset_defaults(args: argparse.Namespace) -> argparse.Namespace:
     if args.eval_batch_size is None:
         args.eval_batch_size = args.batch_size
     return args
+
+
+def complete_options(opts: Mapping[str, Any] | argparse.Namespace) -> dict[str, Any]:
+    """``opts`` (parsed options, or those saved in a checkpoint, perhaps by an older version) with every
+    missing option set to its default, the per-dataset ones included."""
+    given = dict(vars(opts) if isinstance(opts, argparse.Namespace) else opts)
+    if given.get("dataset") not in (None, *DATASETS):
+        raise ValueError(f"unknown dataset {given['dataset']!r}; expected one of {', '.join(DATASETS)}")
+    defaults = vars(build_parser().parse_args(["--dataset", str(given.get("dataset") or "demo")]))
+    merged = {**defaults, **{k: v for k, v in given.items() if v is not None}}
+    return vars(apply_dataset_defaults(argparse.Namespace(**merged)))
+
+
+def parse_trial_options(argv: Sequence[str]) -> argparse.Namespace:
+    """``main_nni.py``'s options from ``argv``, the data set's defaults filled in and checked; ValueError
+    (rather than argparse's exit) naming an option it does not take or a bad value."""
+    parser = build_parser()
+
+    def refuse(message: str) -> NoReturn:
+        raise ValueError(message)
+
+    parser.error = refuse  # type: ignore[method-assign]
+    return check_options(apply_dataset_defaults(parser.parse_args(list(argv))))
 
 
 def require_flickr_files(args: argparse.Namespace, who: str, alternative: str = "") -> None:
@@ -252,21 +293,25 @@ def check_options(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
     if args.max_images is not None and args.max_images < 1:
         raise ValueError(f"--max_images must be positive, got {args.max_images}")
+    if not 0 <= args.head_dropout < 1:
+        raise ValueError(f"--head_dropout must be in [0, 1), got {args.head_dropout}")
+    # The variant whose output (and target) is a vote distribution; the other gives one score.
+    distribution = args.variant == "ava"
     lo, hi = args.score_range
     if not lo < hi:
         raise ValueError(f"--score_range needs LO < HI, got {lo} {hi}")
     if args.dataset == "flickr_aes":
         require_flickr_files(args, "--dataset flickr_aes")
-        if args.variant == "ava":
+        if distribution:
             raise ValueError("--dataset flickr_aes has one rating per worker and image, no vote distributions: use "
                              "--variant tad66k")
     if args.fuse_conv and not args.fold_bn:
         raise ValueError("--fuse_conv needs --fold_bn (a convolution meets its activation once BatchNorm is folded)")
     if args.test_only and not args.path_to_model_weight:
         raise ValueError("--test_only needs --path_to_model_weight")
-    if args.dataset == "ava" and args.variant == "ava" and args.loss == "mse":
+    if args.dataset == "ava" and distribution and args.loss == "mse":
         raise ValueError("--loss mse needs --variant tad66k")
-    if args.variant == "tad66k" and args.loss in ("emd", "emd_reference"):
+    if not distribution and args.loss in ("emd", "emd_reference"):
         raise ValueError(f"--loss {args.loss} needs --variant ava")
     return args
 

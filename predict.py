@@ -28,8 +28,11 @@ from scoring import (
     rank_results,
 )
 from helpers.download import DownloadError
+from models.registry import get_pretrained_cfg
 from scoring.onnx_model import is_onnx_file
-from scoring.result_files import ResultLog, parse_shard, ranks
+from scoring.result_log import ResultLog
+from scoring.inputs import parse_shard
+from scoring.results import ranks
 from helpers.safe_io import sha256_file
 from helpers.runtime import ALLOCATORS, AMP_MODES, resolve_device, scoring_parallelism, tune_cpu_allocator
 
@@ -116,11 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
 def table_lines(results: Callable[[], Iterable[ScoreResult]], variant: str) -> Iterator[str]:
     """The results as an aligned text table, a line at a time: image, score (and std for ava), error.
     ``results`` is called twice (the column widths, then the lines), so a file's rows need not be in memory."""
-    header = ["image", "score", *(["std"] if variant == "ava" else []), "error"]
+    distribution = get_pretrained_cfg(variant).is_distribution
+    header = ["image", "score", *(["std"] if distribution else []), "error"]
 
     def cells(r: ScoreResult) -> list[str]:
         row = [safe_text(r.image), "" if r.score is None else f"{r.score:.3f}"]
-        if variant == "ava":
+        if distribution:
             row.append("" if r.std is None else f"{r.std:.3f}")
         return [*row, safe_text(r.error or "")]
 
@@ -164,50 +168,58 @@ def run_settings(args: argparse.Namespace, scorer: Scorer) -> dict:
             "shard": None if args.shard is None else "/".join(map(str, args.shard))}
 
 
-def _run(args: argparse.Namespace) -> int:
+def _open_run(args: argparse.Namespace) -> tuple[list, Scorer, ResultLog | None, str]:
+    """The images to score, the Scorer, the result log of ``--output`` (None without it) and the line that
+    says how the scoring runs in parallel; ValueError (or OSError) naming what is wrong."""
     log: ResultLog | None = None
+    if args.resume and args.output is None:
+        raise ValueError("--resume continues the run that writes --output: give --output")
+    if args.output is not None:
+        check_output_path(args.output, inputs=[p for p in args.paths if not Path(p).is_dir()])
+        if not args.resume:
+            ResultLog.refuse_unfinished(args.output, args.resume_command)
+    if args.engine == "ray":
+        from scoring import ray_engine as ray_scoring  # the optional extra: ray
+
+        ray_scoring.check_available()
+    if not args.path_to_model_weight:
+        raise ValueError(NO_WEIGHTS_HELP)
+    skipped: list[tuple[str, str]] = []
+    images = collect_images(args.paths, recursive=args.recursive, path_to_images=args.path_to_images,
+                            follow_symlinks=args.follow_symlinks, skipped=skipped, shard=args.shard)
+    _report_skipped(skipped)
+    if not images:
+        raise ValueError(f"no images found in {' '.join(args.paths)}"
+                         + (f" for --shard {args.shard[0]}/{args.shard[1]}" if args.shard else ""))
+    if args.output is not None:
+        check_output_path(args.output, inputs=[str(p) for p in images])
+    onnx = is_onnx_file(args.path_to_model_weight)  # onnxruntime on the CPU: torch is never imported
+    device = "cpu" if onnx else resolve_device(args.device)
+    workers, threads = scoring_parallelism(device)
+    workers = workers if args.num_workers is None else args.num_workers
+    threads = threads if args.threads is None else args.threads
+    if not onnx:
+        import torch
+
+        torch.set_num_threads(threads)
+        if args.allocator == "tuned" and device.type == "cpu":
+            tune_cpu_allocator()
+    scorer = Scorer(
+        args.path_to_model_weight, variant=args.variant, device=args.device, theme_fusion=args.theme_fusion,
+        batch_size=args.batch_size, amp=args.amp, fast=args.fast, draft=args.draft, num_workers=workers,
+        allow_unsafe_load=args.allow_unsafe_load, checkpoints_dir=args.checkpoints_dir, download=args.download,
+        threads=threads,
+    )
+    if args.output is not None:
+        log = ResultLog(args.output, scorer.variant)
+        log.open(settings=run_settings(args, scorer), images=[str(p) for p in images], resume=args.resume)
+    return images, scorer, log, f"{threads} model threads, {workers} decoding {'threads' if onnx else 'processes'}"
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Score the images of the parsed options (resuming ``--output`` with ``--resume``); the exit status."""
     try:
-        if args.resume and args.output is None:
-            raise ValueError("--resume continues the run that writes --output: give --output")
-        if args.output is not None:
-            check_output_path(args.output, inputs=[p for p in args.paths if not Path(p).is_dir()])
-            if not args.resume:
-                ResultLog.refuse_unfinished(args.output, args.resume_command)
-        if args.engine == "ray":
-            from scoring import ray_engine as ray_scoring  # the optional extra: ray
-
-            ray_scoring.check_available()
-        if not args.path_to_model_weight:
-            raise ValueError(NO_WEIGHTS_HELP)
-        skipped: list[tuple[str, str]] = []
-        images = collect_images(args.paths, recursive=args.recursive, path_to_images=args.path_to_images,
-                                follow_symlinks=args.follow_symlinks, skipped=skipped, shard=args.shard)
-        _report_skipped(skipped)
-        if not images:
-            raise ValueError(f"no images found in {' '.join(args.paths)}"
-                             + (f" for --shard {args.shard[0]}/{args.shard[1]}" if args.shard else ""))
-        if args.output is not None:
-            check_output_path(args.output, inputs=[str(p) for p in images])
-        onnx = is_onnx_file(args.path_to_model_weight)  # onnxruntime on the CPU: torch is never imported
-        device = "cpu" if onnx else resolve_device(args.device)
-        workers, threads = scoring_parallelism(device)
-        workers = workers if args.num_workers is None else args.num_workers
-        threads = threads if args.threads is None else args.threads
-        if not onnx:
-            import torch
-
-            torch.set_num_threads(threads)
-            if args.allocator == "tuned" and device.type == "cpu":
-                tune_cpu_allocator()
-        scorer = Scorer(
-            args.path_to_model_weight, variant=args.variant, device=args.device, theme_fusion=args.theme_fusion,
-            batch_size=args.batch_size, amp=args.amp, fast=args.fast, draft=args.draft, num_workers=workers,
-            allow_unsafe_load=args.allow_unsafe_load, checkpoints_dir=args.checkpoints_dir, download=args.download,
-            threads=threads,
-        )
-        if args.output is not None:
-            log = ResultLog(args.output, scorer.variant)
-            log.open(settings=run_settings(args, scorer), images=[str(p) for p in images], resume=args.resume)
+        images, scorer, log, parallel = _open_run(args)
     except (ValueError, FileNotFoundError, DownloadError) as exc:  # CheckpointError, DataError are ValueErrors
         print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
@@ -223,15 +235,21 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{PROG}: resuming {safe_text(args.output)}: {log.done} of {len(images)} images scored already",
               file=sys.stderr)
     if args.engine == "ray":
+        from scoring import ray_engine as ray_scoring
+
         source = ray_scoring.iter_results(scorer, todo, address=args.ray_address, actors=args.ray_actors,
                                           allow_unsafe_load=args.allow_unsafe_load, progress=not args.quiet)
         print(f"{PROG}: {scorer.path}; on Ray Data ({ray_scoring.describe()})", file=sys.stderr)
     else:
         source = scorer.iter_results(todo, progress=not args.quiet)
-        decoders = "threads" if onnx else "processes"
-        print(f"{PROG}: {scorer.path}; {threads} model threads, {workers} decoding {decoders}",
-              file=sys.stderr)
+        print(f"{PROG}: {scorer.path}; {parallel}", file=sys.stderr)
+    return _write_results(args, scorer, log, source, len(images))
 
+
+def _write_results(args: argparse.Namespace, scorer: Scorer, log: ResultLog | None, source: Iterable[ScoreResult],
+                   n_images: int) -> int:
+    """Take the results from ``source`` as they come (into ``--output``'s log), print the table and the
+    summary line; the exit status."""
     results: list[ScoreResult] = []  # without --output only: with it, the results are in the file
     try:
         for result in source:
@@ -263,7 +281,7 @@ def _run(args: argparse.Namespace) -> int:
         if log is None:
             raise
         log.close()
-        print(f"{PROG}: interrupted; {log.done} of {len(images)} images are in {safe_text(args.output)}; continue "
+        print(f"{PROG}: interrupted; {log.done} of {n_images} images are in {safe_text(args.output)}; continue "
               f"with: {args.resume_command}", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:

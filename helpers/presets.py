@@ -1,20 +1,16 @@
-"""What a TANet takes and gives, in one place (as timm's pretrained configs): per model variant the
-input, its normalisation and resize rule and what the outputs mean; per weight file where it comes
-from. The data loaders, the cache, scoring and the ONNX export read these facts here.
+"""The preprocessing of the data styles: the model input's size, its ImageNet normalisation and the
+reference's resize rule of each style. The data loaders, the cache, the model registry
+(``models.registry``, which holds every other fact of a model) and scoring read these facts here.
 
-A helper: it imports only ``util`` (the score distribution's mean).
+A helper: it imports only ``util`` (the number of score bins).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from util import NUM_BINS, distribution_mean
+from util import NUM_BINS
 
-__all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "INPUT_SIZE", "INPUT_SHAPE", "NUM_BINS", "TransformSpec", "TRANSFORMS",
-    "VariantPreset", "VARIANT_PRESETS", "WeightFile", "WEIGHT_FILES", "RELEASED", "metric_scores", "scores_1_to_10",
-]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "INPUT_SIZE", "INPUT_SHAPE", "NUM_BINS", "TransformSpec", "TRANSFORMS"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -48,77 +44,3 @@ TRANSFORMS: dict[str, TransformSpec] = {
     # AVA: PIL resize((224, 224)), flip / PIL resize((224, 224))
     "ava": TransformSpec("pil", (INPUT_SIZE, INPUT_SIZE), None, (INPUT_SIZE, INPUT_SIZE)),
 }
-
-
-@dataclass(frozen=True)
-class VariantPreset:
-    """The input and output contract of one TANet variant."""
-
-    name: str
-    outputs: int  # width of the model output
-    output_meaning: str
-    transform: str  # the key of TRANSFORMS that scoring uses for this variant's own images
-    loss: str  # the reference's training loss
-
-    @property
-    def preprocessing(self) -> dict[str, Any]:
-        """The evaluation preprocessing, as data (export metadata, the web page)."""
-        spec = TRANSFORMS[self.transform]
-        return {"input_shape": [1, *INPUT_SHAPE], "layout": "NCHW, RGB, float32", "scale": "pixel / 255",
-                "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "resize": spec.describe(train=False),
-                "orientation": "EXIF orientation applied; transparency composited onto white"}
-
-
-VARIANT_PRESETS: dict[str, VariantPreset] = {
-    "tad66k": VariantPreset("tad66k", 1, "score: the mean opinion score / 10, in 0..1 (times 10 gives 1..10)",
-                            "tad66k", "mse"),
-    "ava": VariantPreset("ava", NUM_BINS, f"distribution: probabilities of the scores 1..{NUM_BINS} "
-                                          f"(its mean is the score on 1..10)", "ava", "emd_reference"),
-}
-
-
-@dataclass(frozen=True)
-class WeightFile:
-    """One downloadable reference weight file."""
-
-    name: str
-    kind: str  # "places365_resnet18", "mobilenet_v2" or "tanet"
-    variant: str | None  # the TANet variant, for kind "tanet"
-    url: str
-    sha256: str | None = None  # not pinned: no copy of the files could be checked yet
-    reported: str | None = None  # what the file scores, as quoted by its authors
-
-
-_AUTHORS_REPO = "https://github.com/woshidandan/TANet-image-aesthetics-and-quality-assessment/raw/HEAD"
-WEIGHT_FILES: dict[str, WeightFile] = {
-    w.name: w
-    for w in (
-        WeightFile("resnet18_places365.pth.tar", "places365_resnet18", None,
-                   "http://places2.csail.mit.edu/models_places365/resnet18_places365.pth.tar"),
-        WeightFile("mobilenetv2.pth.tar", "mobilenet_v2", None,
-                   "https://s3-us-west-1.amazonaws.com/models-nima/mobilenetv2.pth.tar"),
-        WeightFile("SRCC_513_LCC_531_MSE_016.pth", "tanet", "tad66k",
-                   f"{_AUTHORS_REPO}/code/TAD66K/SRCC_513_LCC_531_MSE_016.pth",
-                   reported="TAD66K test: SRCC 0.507, PLCC 0.526 (authors' issue tracker, issue 19)"),
-        WeightFile("SRCC_758_LCC_765.pth", "tanet", "ava", f"{_AUTHORS_REPO}/code/AVA/SRCC_758_LCC_765.pth",
-                   reported="AVA test: SRCC 0.755, PLCC 0.764, accuracy 0.800 (authors' issue tracker, issue 19)"),
-    )
-}
-RELEASED = {w.variant: w.name for w in WEIGHT_FILES.values() if w.kind == "tanet"}
-
-
-def metric_scores(outputs: Any, variant: str) -> Any:
-    """Model outputs (or targets) (N, 1) or (N, 10) -> one score each, on the scale the reference's
-    metrics use: the output itself, 0..1 (``tad66k``), or the mean of the distribution, 1..10 (``ava``).
-    Torch in, torch out; else numpy."""
-    if variant not in VARIANT_PRESETS:
-        raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(VARIANT_PRESETS)}")
-    return outputs[..., 0] if variant == "tad66k" else distribution_mean(outputs)
-
-
-def scores_1_to_10(outputs: Any, variant: str) -> Any:
-    """Model outputs (or targets) (N, 1) or (N, 10) -> scores (N,) on 1..10: the score times 10
-    (``tad66k``), or the mean of the distribution (``ava``). Torch in, torch out; else numpy."""
-    scores = metric_scores(outputs, variant)
-    return scores * 10.0 if variant == "tad66k" else scores
-

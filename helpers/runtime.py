@@ -6,6 +6,7 @@ A bottom-layer helper: it imports nothing of ours.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import platform
@@ -27,7 +28,7 @@ __all__ = [
     "seed_everything", "resolve_device", "capture_rng_state", "restore_rng_state",
     "ALLOCATORS", "tune_cpu_allocator", "release_free_memory", "AMP_MODES", "BF16_SWITCH", "cpu_has_native_bf16",
     "cpu_bf16_instructions", "cpu_model",
-    "describe_hardware", "precision_name", "resolve_amp", "usable_cpus",
+    "describe_hardware", "precision_name", "resolve_amp", "amp_dtype", "autocast", "to_device", "usable_cpus",
     "default_loader_workers", "run_tied_child", "stopped_by_signal",
 ]
 
@@ -161,6 +162,35 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "none"
     return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "none"
+
+
+_AMP_DTYPES = {"none": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def amp_dtype(amp: str) -> torch.dtype:
+    """The compute dtype of ``--amp`` (``none``: float32, ``bf16``, ``fp16``)."""
+    import torch
+
+    return getattr(torch, _AMP_DTYPES[amp])
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """The autocast context of ``--amp`` (``none``, ``bf16`` or ``fp16``)."""
+    import torch
+
+    if amp == "none":
+        return contextlib.nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
+    return torch.autocast(device.type, dtype=amp_dtype(amp))
+
+
+def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """``images`` on ``device``, in the channels-last memory format when ``channels_last``."""
+    import torch
+
+    images = images.to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
 ALLOCATORS = ("tuned", "system")

@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 
 from helpers.console import clip
+from imagedata.images import DataError
 from dataset import (
-    DataError,
     ImageTableDataset,
     build_transform,
     carve_validation,

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from helpers.console import progress as progress_bar
-from dataset import DataError, ImageTableDataset, load_image
+from dataset import ImageTableDataset
+from imagedata.images import DataError, load_image
 from helpers.runtime import usable_cpus
 from helpers.safe_io import atomic_write
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .registry import PretrainedCfg, create_model, get_pretrained_cfg, list_models, register_model
+from .registry import PretrainedCfg, create_model, get_pretrained_cfg, list_models, list_variants, register_model
 
 _LAZY = {  # name -> submodule (these import torch)
     "fold_batchnorm": "folding",
@@ -17,12 +17,15 @@ _LAZY = {  # name -> submodule (these import torch)
     "scale_learning_rates": "optim",
     "BRANCHES": "tanet", "THEME_FUSION_MODES": "tanet", "VARIANTS": "tanet", "TANet": "tanet",
     "check_branches": "tanet",
-    "checkpoints_dir": "weights", "infer_branches": "weights", "infer_variant": "weights", "load_checked": "weights",
+    "checkpoints_dir": "weights", "user_cache_dir": "weights", "released_weights": "weights",
+    "load_released_weights": "weights", "infer_branches": "weights", "infer_variant": "weights",
+    "load_checked": "weights",
     "load_mobilenet_v2": "weights", "load_places365_resnet18": "weights", "load_tanet": "weights",
     "read_tanet_checkpoint": "weights", "resolve_weights": "weights",
 }
 
-__all__ = ["PretrainedCfg", "create_model", "get_pretrained_cfg", "list_models", "register_model", *_LAZY]
+__all__ = ["PretrainedCfg", "create_model", "get_pretrained_cfg", "list_models", "list_variants", "register_model",
+           *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -11,14 +11,14 @@ AESTHETICS_FEATURES = 10
 class AestheticsBranch(nn.Module):
     """``base_model`` = (MobileNetV2 trunk, 7x7 average pool); ``head`` = ReLU, Dropout(0.75), Linear(1280, 10)."""
 
-    def __init__(self) -> None:
+    def __init__(self, head_dropout: float = 0.75) -> None:
         super().__init__()
         # Index 1 is the pool: the checkpoint keys are ``base_model.0.*``.
         self.base_model = nn.Sequential(mobilenet_v2_features(), nn.AvgPool2d(7))
         # (code != paper) ReLU, not PReLU; no softmax.
         self.head = nn.Sequential(
             nn.ReLU(),
-            nn.Dropout(p=0.75),
+            nn.Dropout(p=head_dropout),
             nn.Linear(FEATURE_CHANNELS, AESTHETICS_FEATURES),
         )
 

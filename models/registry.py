@@ -16,8 +16,8 @@ from typing import Any
 from helpers.presets import IMAGENET_MEAN, IMAGENET_STD, INPUT_SHAPE, TRANSFORMS
 from util import NUM_BINS, distribution_mean
 
-__all__ = ["PretrainedCfg", "WeightFile", "WEIGHT_FILES", "get_pretrained_cfg", "list_models", "create_model",
-           "register_model"]
+__all__ = ["PretrainedCfg", "WeightFile", "WEIGHT_FILES", "get_pretrained_cfg", "list_models", "list_variants",
+           "create_model", "register_model"]
 
 OUTPUT_KINDS = ("score", "distribution")
 
@@ -185,6 +185,11 @@ def list_models(pattern: str = "*", *, pretrained: bool = False) -> list[str]:
     only those with released weights."""
     return sorted(n for n, c in _REGISTRY.items()
                   if fnmatch.fnmatch(n, pattern) and (not pretrained or c.weight_file is not None))
+
+
+def list_variants() -> list[str]:
+    """The TANet variants of the registered models (a checkpoint's ``variant``: ``ava``, ``tad66k``)."""
+    return sorted({c.variant for c in _REGISTRY.values()})
 
 
 def get_pretrained_cfg(name: str) -> PretrainedCfg:

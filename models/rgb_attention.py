@@ -18,12 +18,12 @@ def rgb_similarity(pooled: Tensor) -> Tensor:
     return (v @ v.transpose(1, 2)) / (norms @ norms.transpose(1, 2)).clamp(min=1e-8)
 
 
-def rgb_attention_head() -> nn.Sequential:
+def rgb_attention_head(dropout: float = 0.75) -> nn.Sequential:
     """``head_rgb``: ReLU, Dropout(0.75), Linear(144*144, 10), Softmax."""
     # (code != paper) ReLU, not PReLU.
     return nn.Sequential(
         nn.ReLU(),
-        nn.Dropout(p=0.75),
+        nn.Dropout(p=dropout),
         nn.Linear(PATCH_GRID**2 * PATCH_GRID**2, RGB_FEATURES),
         nn.Softmax(dim=1),
     )

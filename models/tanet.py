@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from .aesthetics import AESTHETICS_FEATURES, AestheticsBranch
 from .rgb_attention import PATCH_GRID, RGB_FEATURES, rgb_attention_head, rgb_similarity
+from .registry import get_pretrained_cfg, list_variants
 from .theme import THEME_FEATURES, HyperNet, TargetNet, places365_resnet18, pool_theme
 
 FUSED_FEATURES = AESTHETICS_FEATURES + THEME_FEATURES + RGB_FEATURES  # 30
@@ -16,6 +16,8 @@ THEME_FUSION_MODES = ("batch", "isolated")
 BRANCHES = ("aesthetics", "theme", "rgb")
 _THEME_KEYS = ("x_theme", "theme_logits", "theme_hidden", "theme_matrix")  # APNet, TUNet, RGBNet: the full TANet
 _BRANCH_FEATURES = {"aesthetics": AESTHETICS_FEATURES, "theme": THEME_FEATURES, "rgb": RGB_FEATURES}
+# The TANet variants (the ``variant`` of a checkpoint): those of the registered models.
+VARIANTS: tuple[str, ...] = tuple(list_variants())
 
 
 def check_branches(branches: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -30,28 +32,12 @@ def check_branches(branches: str | tuple[str, ...] | list[str]) -> tuple[str, ..
     return tuple(b for b in BRANCHES if b in names)
 
 
-@dataclass(frozen=True)
-class Variant:
-    """What differs between the two released models."""
-
-    outputs: int  # 1 score in [0, 1], or a 10-bin distribution
-    theme_normalise: str  # "softmax" over the (B, B) theme matrix, or "batchnorm" + PReLU
-    isolated_theme_value: float  # the theme matrix of a lone image after normalisation
-
-
-VARIANTS: dict[str, Variant] = {
-    "tad66k": Variant(outputs=1, theme_normalise="softmax", isolated_theme_value=1.0),
-    # At batch size 1 the reference raises; the limit of normalising one value is 0.
-    "ava": Variant(outputs=10, theme_normalise="batchnorm", isolated_theme_value=0.0),
-}
-
-
-def fusion_head(outputs: int, features: int = FUSED_FEATURES) -> nn.Sequential:
+def fusion_head(outputs: int, features: int = FUSED_FEATURES, dropout: float = 0.75) -> nn.Sequential:
     """``head`` ("L6"): ReLU, Dropout(0.75), Linear(30, k), then Sigmoid (k = 1) or Softmax (k = 10);
     with fewer branches, Linear(10 per branch, k)."""
     return nn.Sequential(
         nn.ReLU(),
-        nn.Dropout(p=0.75),
+        nn.Dropout(p=dropout),
         nn.Linear(features, outputs),
         nn.Sigmoid() if outputs == 1 else nn.Softmax(dim=1),
     )
@@ -68,15 +54,21 @@ class TANet(nn.Module):
     "rgb" that includes "aesthetics"; a branch left out is neither built nor run, and the fusion head
     takes 10 features per branch. ``theme_network=False`` builds the theme branch without the
     Places365 ResNet and its heads, for isolated scoring only (where they cannot change the result).
+    ``head_dropout`` is the dropout before the Linear of the fusion, aesthetics and RGB heads (the
+    reference's 0.75). The variant's outputs and theme normalisation come from its registry entry
+    (``models.registry``).
     """
 
     def __init__(self, variant: str = "tad66k", theme_fusion: str = "batch", branches: tuple[str, ...] = BRANCHES,
-                 theme_network: bool = True) -> None:
+                 theme_network: bool = True, head_dropout: float = 0.75) -> None:
         super().__init__()
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown TANet variant {variant!r}; expected one of {sorted(VARIANTS)}")
+        if variant not in list_variants():
+            raise ValueError(f"unknown TANet variant {variant!r}; expected one of {list_variants()}")
+        if not 0.0 <= head_dropout < 1.0:
+            raise ValueError(f"head_dropout must be in [0, 1), got {head_dropout}")
         self.variant = variant
-        self.spec = VARIANTS[variant]
+        self.spec = get_pretrained_cfg(variant)
+        self.head_dropout = float(head_dropout)
         self.branches = check_branches(branches)
         self.has_theme_network = "theme" in self.branches and bool(theme_network)
         self.theme_fusion = theme_fusion  # validated by the setter
@@ -93,12 +85,12 @@ class TANet(nn.Module):
         if "rgb" in self.branches:
             self.avg_RGB = nn.AdaptiveAvgPool2d((PATCH_GRID, PATCH_GRID))
         # Aesthetics perceiving (APNet)
-        self.mobileNet = AestheticsBranch()
+        self.mobileNet = AestheticsBranch(head_dropout)
         self.softmax = nn.Softmax(dim=1)  # unused, kept from the reference
         if "rgb" in self.branches:
-            self.head_rgb = rgb_attention_head()
+            self.head_rgb = rgb_attention_head(head_dropout)
         # Fusion
-        self.head = fusion_head(self.spec.outputs, sum(_BRANCH_FEATURES[b] for b in self.branches))
+        self.head = fusion_head(self.spec.outputs, sum(_BRANCH_FEATURES[b] for b in self.branches), head_dropout)
 
     # Readable aliases (properties, so the state_dict keeps the reference keys only).
     @property

@@ -7,6 +7,7 @@ an interruption skips the finished runs and resumes the interrupted one (``--res
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -19,9 +20,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-import option
 from helpers.console import clip, progress
 from helpers.runtime import run_tied_child, stopped_by_signal
 from helpers.safe_io import atomic_save_json, atomic_write, json_text
@@ -63,26 +63,22 @@ def plan(out: Path, seeds: Sequence[int]) -> list[Run]:
             for seed in seeds]
 
 
-def check_options(options: Sequence[str]) -> dict[str, Any]:
-    """main_nni.py's options as its parser reads them (the data set's defaults filled in, as JSON values);
-    AblationError naming an option it does not take, a bad value, or one the table sets itself."""
+ReadOptions = Callable[[Sequence[str]], argparse.Namespace]  # main_nni.py's parser: option.parse_trial_options
+
+
+def check_options(options: Sequence[str], read_options: ReadOptions) -> dict[str, Any]:
+    """main_nni.py's options as ``read_options`` (its parser) reads them (the data set's defaults filled in,
+    as JSON values); AblationError naming an option it does not take, a bad value, or one the table sets itself."""
     taken = [o for o in options if o.split("=")[0] in OWN_OPTIONS]
     if taken:
         raise AblationError(f"{', '.join(taken)}: the ablation table sets these for each run itself")
-    parser = option.build_parser()
-
-    def refuse(message: str) -> NoReturn:
-        raise AblationError(f"main_nni.py's options: {message}")
-
-    parser.error = refuse  # type: ignore[method-assign]
     try:
-        args = option.check_options(option.apply_dataset_defaults(parser.parse_args(list(options))))
-    except AblationError:
-        raise
+        args = read_options(options)
     except ValueError as exc:
-        refuse(str(exc))
+        raise AblationError(f"main_nni.py's options: {exc}") from None
+    defaults = read_options([])
     own = [f"--{dest}" for dest in (o.lstrip("-") for o in OWN_OPTIONS)
-           if getattr(args, dest) != parser.get_default(dest)]
+           if getattr(args, dest) != getattr(defaults, dest)]
     if own:  # given abbreviated
         raise AblationError(f"{', '.join(own)}: the ablation table sets these for each run itself")
     return json.loads(json_text(vars(args), default=str))
@@ -98,17 +94,17 @@ def _started(folder: Path) -> list[str]:
     return sorted(d.name for d in folder.iterdir() if d.is_dir() and any((d / n).exists() for n in RUN_OUTPUTS))
 
 
-def check_same_options(folder: Path, options: Sequence[str]) -> None:
+def check_same_options(folder: Path, options: Sequence[str], *, read_options: ReadOptions) -> None:
     """Record the runs' options in ``folder/options.json``; refuse a rerun that changes them (its finished
     runs would not compare with the new ones) once a run has trained with them. Options are compared as
     main_nni.py reads them, so another spelling or order is the same."""
-    parsed = check_options(options)
+    parsed = check_options(options, read_options)
     record = folder / OPTIONS_FILE
     if record.is_file():
         before = json.loads(record.read_text(encoding="utf-8"))
         argv = before.get("argv", []) if isinstance(before, dict) else before  # a list in earlier versions
         try:
-            old = before["parsed"] if isinstance(before, dict) else check_options(argv)
+            old = before["parsed"] if isinstance(before, dict) else check_options(argv, read_options)
         except (AblationError, KeyError, TypeError):
             old = None
         started = _started(folder)
@@ -200,16 +196,16 @@ def markdown(table: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_table(out: str | os.PathLike, seeds: Sequence[int], options: Sequence[str], *, show_progress: bool = True,
-              on_run: Callable[[Run], None] | None = None) -> dict:
-    """Run what is missing of the table in ``out`` (``options``: main_nni.py's data and recipe options),
-    then write ``out/table5.md`` and ``out/table5.json``; returns the JSON."""
+def run_table(out: str | os.PathLike, seeds: Sequence[int], options: Sequence[str], *, read_options: ReadOptions,
+              show_progress: bool = True, on_run: Callable[[Run], None] | None = None) -> dict:
+    """Run what is missing of the table in ``out`` (``options``: main_nni.py's data and recipe options, as
+    ``read_options`` reads them), then write ``out/table5.md`` and ``out/table5.json``; returns the JSON."""
     if not seeds:
         raise AblationError("give at least one seed")
-    check_options(options)  # before anything is made
+    check_options(options, read_options)  # before anything is made
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    check_same_options(folder, options)
+    check_same_options(folder, options, read_options=read_options)
     runs = plan(folder, seeds)
     started = time.monotonic()
     todo = [r for r in runs if not finished(r)]

@@ -35,7 +35,8 @@ from torch import Tensor, nn
 
 from helpers.console import progress as progress_bar
 from dataset import collate_skip_none
-from training.engine import autocast, evaluation_model, make_loader, prepare_images
+from helpers.runtime import autocast
+from training.engine import evaluation_model, make_loader, prepare_images
 from imagedata.flickr_aes import RatedImageDataset, WorkerSplit, to_1_10
 from helpers.safe_io import atomic_save_json, atomic_torch_save, atomic_write, csv_text_cell, json_text, safe_torch_load
 from util import srcc

@@ -12,8 +12,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from dataset import DataError
-from option import DATASETS, VARIANT_NAMES, positive_int
+from imagedata.images import DataError
+from option import DATASETS, VARIANT_NAMES, complete_options, positive_int
 from report import ReportError, write_report, write_split_report
 from helpers.safe_io import CheckpointError
 
@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = {k: getattr(args, k) for k in DATA_OPTIONS}
     common = dict(options=options, max_images=args.max_images, device=args.device, num_workers=args.num_workers,
                   tensorboard=not args.no_tensorboard, attention_images=args.attention_images,
-                  allow_unsafe=args.allow_unsafe_load, progress=not args.quiet)
+                  allow_unsafe=args.allow_unsafe_load, progress=not args.quiet, complete_options=complete_options)
     try:
         if args.run_dir is not None:
             report = write_report(args.run_dir, checkpoint=args.checkpoint, **common)

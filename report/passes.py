@@ -11,12 +11,12 @@ import torch
 
 from helpers.console import progress as progress_bar
 from dataset import collate_skip_none
-from training.engine import autocast, evaluation_model, make_loader, to_device
-from models import TANet
+from helpers.runtime import autocast, to_device
+from training.engine import evaluation_model, make_loader
+from models import TANet, get_pretrained_cfg
 from models.rgb_attention import rgb_similarity
-from helpers.presets import scores_1_to_10
 
-from .errors import ReportError
+from .report_error import ReportError
 
 # The options that decide how evaluation computes (saved in a run's checkpoint), and their defaults.
 EVALUATION_OPTIONS = {"theme_fusion": "batch", "amp": "none", "fold_bn": False, "fuse_conv": False,
@@ -34,7 +34,7 @@ class ModelPass:
 
     def pred(self, variant: str) -> np.ndarray:
         """Predicted score on 1..10."""
-        return scores_1_to_10(self.output, variant)
+        return get_pretrained_cfg(variant).scores_1_to_10(self.output)
 
 
 def evaluation_settings(opts: Mapping, device: torch.device) -> dict:

@@ -12,7 +12,7 @@ import pandas as pd
 
 from helpers.safe_io import atomic_write, csv_text_cell, csv_text_value
 
-from .errors import ReportError
+from .report_error import ReportError
 from .stats import ScoreTable
 
 PREDICTIONS_CSV = "test_predictions.csv"

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from models import TANet, load_tanet
+from models import TANet, get_pretrained_cfg, load_tanet
 from scoring.onnx_model import ONNX_FORMAT, ExportError, OnnxModel, require
-from helpers.presets import INPUT_SHAPE, VARIANT_PRESETS, scores_1_to_10
+from helpers.presets import INPUT_SHAPE
 from helpers.safe_io import atomic_write, json_text, sha256_file
 
 __all__ = ["ONNX_FORMAT", "OPSET", "PARITY_TOLERANCE", "ExportError", "Exported", "OnnxModel", "export_onnx",
@@ -48,16 +48,16 @@ class _WithScore(nn.Module):
     def __init__(self, model: TANet) -> None:
         super().__init__()
         self.model = model
-        self.variant = model.variant
+        self.cfg = get_pretrained_cfg(model.variant)
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
         output = self.model(image)
-        return output, scores_1_to_10(output, self.variant)
+        return output, self.cfg.scores_1_to_10(output)
 
 
 def metadata(model: TANet, checkpoint: Path) -> dict[str, str]:
     """The metadata an exported file carries (string values, as ONNX stores them)."""
-    preset = VARIANT_PRESETS[model.variant]
+    preset = get_pretrained_cfg(model.variant)
     outputs = {"output": f"(N, {preset.outputs}) {preset.output_meaning}", "score": "(N,) the score on 1..10"}
     return {
         "tanet.format": ONNX_FORMAT,

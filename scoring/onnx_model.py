@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from helpers.presets import INPUT_SHAPE, VARIANT_PRESETS
+from helpers.presets import INPUT_SHAPE
+from models.registry import get_pretrained_cfg, list_variants
 from helpers.runtime import usable_cpus
 from helpers.safe_io import first_line
 
@@ -83,9 +84,9 @@ class OnnxModel:
             raise ExportError(f"{self.path} is not a TANet ONNX export of this project (no {ONNX_FORMAT!r} in its "
                               f"metadata): export one with tools/export.py")
         self.variant = self.metadata.get("tanet.variant")
-        if self.variant not in VARIANT_PRESETS:
+        if self.variant not in list_variants():
             raise self._refused(f"its metadata names the variant {self.variant!r}, not one of "
-                                f"{', '.join(sorted(VARIANT_PRESETS))}")
+                                f"{', '.join(list_variants())}")
         self.branches = tuple(self.metadata.get("tanet.branches", "").split(","))
         self.theme_fusion = "isolated"
         self._check_graph()
@@ -103,7 +104,7 @@ class OnnxModel:
         if (len(inputs) != 1 or inputs[0].name != "image" or inputs[0].type != "tensor(float)"
                 or len(inputs[0].shape) != 4 or tuple(inputs[0].shape[1:]) != INPUT_SHAPE):
             raise self._refused(f"it takes {found}, not {want}")
-        width = VARIANT_PRESETS[self.variant].outputs
+        width = get_pretrained_cfg(self.variant).outputs
         outputs = {o.name: o for o in self.session.get_outputs()}
         out = outputs.get("output")
         if out is None:

@@ -1,6 +1,6 @@
 """Scoring a collection on Ray Data (``predict.py --engine ray``): the images read and decoded by Ray
 tasks, the model in a pool of actors (a ``Scorer`` each, a GPU each with ``--device cuda``), the results
-streamed back to the caller in input order, so that ``result_files.ResultLog`` writes (and resumes)
+streamed back to the caller in input order, so that ``result_log.ResultLog`` writes (and resumes)
 them as it does for the local engine.
 
 Ray is the optional extra of requirements-scale.txt; nothing else imports this module.
@@ -18,8 +18,10 @@ import torch
 
 from helpers.console import progress as progress_bar
 from helpers.presets import NUM_BINS
-from scoring.result_files import SCALE_REQUIREMENTS, ScoreResult, ScoringError
-from scoring import RefusedImage, Scorer, _ImageSources
+from scoring.errors import ScoringError
+from scoring.inputs import RefusedImage
+from scoring.results import SCALE_REQUIREMENTS, ScoreResult
+from scoring.scorer import Scorer, _ImageSources
 
 REPO = Path(__file__).resolve().parents[1]
 DECODE_BYTES = 512 << 20  # a decoding worker (torch imported) and its batch, about
@@ -140,7 +142,7 @@ def _stream(scorer: Scorer, images: Sequence[str | RefusedImage], actors: int, c
             "weights": str(scorer.checkpoint), "variant": scorer.variant, "device": "cuda" if cuda else "cpu",
             "theme_fusion": scorer.theme_fusion, "batch_size": batch, "amp": scorer.amp, "fast": scorer.fast,
             "threads": torch.get_num_threads(), "allow_unsafe_load": allow_unsafe_load})
-    ava = scorer.variant == "ava"
+    ava = scorer.pretrained_cfg.is_distribution
     with progress_bar(total=len(items), unit="img", desc="scoring", enabled=progress and len(items) > batch) as bar:
         for out in data.iter_batches(batch_size=None, batch_format="numpy"):
             for i, path in enumerate(out["path"].tolist()):

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 import main_nni
 from helpers import safe_io
-from models import BRANCHES, VARIANTS, TANet
+from models import BRANCHES, TANet, get_pretrained_cfg
 
 PARTIAL_BYTES = 1 << 20
 
@@ -73,7 +73,7 @@ class TinyTANet(TANet):
     def __init__(self, variant: str = "tad66k", theme_fusion: str = "batch", **_: Any) -> None:
         nn.Module.__init__(self)
         self.variant = variant
-        self.spec = VARIANTS[variant]
+        self.spec = get_pretrained_cfg(variant)
         self.branches, self.has_theme_network = BRANCHES, True
         self.theme_fusion = theme_fusion
         self.res365_last = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))

@@ -2,6 +2,7 @@
 table in the paper's layout, and a rerun after an interruption that runs only what is missing."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -13,8 +14,11 @@ from pathlib import Path
 
 import pytest
 
+import option
 from paper import ablation
 REPO = Path(__file__).resolve().parents[1]
+run_table = functools.partial(ablation.run_table, read_options=option.parse_trial_options)
+check_same_options = functools.partial(ablation.check_same_options, read_options=option.parse_trial_options)
 
 
 def paper_tables():
@@ -32,7 +36,7 @@ def options(demo_root):
 
 def test_the_table_sets_branches_and_seeds_itself(tmp_path):
     with pytest.raises(ablation.AblationError, match="--seed"):
-        ablation.run_table(tmp_path, [0], ["--seed", "3"], show_progress=False)
+        run_table(tmp_path, [0], ["--seed", "3"], show_progress=False)
     runs = ablation.plan(tmp_path, [0, 1])
     assert [r.name for r in runs[::2]] == ["APNet", "APNet + TUNet", "APNet + RGBNet", "TANet"]
     assert runs[-1].branches == ("aesthetics", "theme", "rgb") and runs[-1].folder.name == "aesthetics-theme-rgb-seed1"
@@ -51,7 +55,7 @@ def test_the_table_is_made_and_a_rerun_runs_only_what_is_missing(tmp_path, optio
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        ablation.run_table(tmp_path, [0], options, show_progress=False, on_run=interrupt_after_two)
+        run_table(tmp_path, [0], options, show_progress=False, on_run=interrupt_after_two)
     first = {name: (tmp_path / name / "results.json").read_bytes() for name in done}
     started = {p.name for p in tmp_path.iterdir() if p.is_dir()}
     assert started == set(done)  # interrupted after the second run: the third never began
@@ -88,52 +92,52 @@ def started(folder, name="aesthetics-seed0"):
 
 
 def test_a_rerun_with_other_options_is_refused(tmp_path):
-    ablation.check_same_options(tmp_path, ["--dataset", "demo", "--num_epoch", "3"])
+    check_same_options(tmp_path, ["--dataset", "demo", "--num_epoch", "3"])
     started(tmp_path)
-    ablation.check_same_options(tmp_path, ["--dataset", "demo", "--num_epoch", "3"])
+    check_same_options(tmp_path, ["--dataset", "demo", "--num_epoch", "3"])
     with pytest.raises(ablation.AblationError, match="made with the options '--dataset demo --num_epoch 3'"):
-        ablation.check_same_options(tmp_path, ["--dataset", "demo", "--num_epoch", "4"])
+        check_same_options(tmp_path, ["--dataset", "demo", "--num_epoch", "4"])
 
 
 def test_options_are_compared_as_main_nni_reads_them(tmp_path):
     """Another spelling or order of the same options is the same table."""
-    ablation.check_same_options(tmp_path, ["--dataset", "demo", "--num_epoch", "3", "--demo_images", "48", "16"])
+    check_same_options(tmp_path, ["--dataset", "demo", "--num_epoch", "3", "--demo_images", "48", "16"])
     started(tmp_path)
-    ablation.check_same_options(tmp_path, ["--demo_images", "48", "16", "--num_epoch=3", "--dataset=demo"])
-    ablation.check_same_options(tmp_path, ["--dataset", "demo", "--num_epoch", "3", "--demo_images", "48", "16",
+    check_same_options(tmp_path, ["--demo_images", "48", "16", "--num_epoch=3", "--dataset=demo"])
+    check_same_options(tmp_path, ["--dataset", "demo", "--num_epoch", "3", "--demo_images", "48", "16",
                                            "--batch_size", "40"])  # demo's default batch size, said aloud
     with pytest.raises(ablation.AblationError, match="another --out"):
-        ablation.check_same_options(tmp_path, ["--dataset", "demo", "--num_epoch", "3"])  # 2200 320 images
+        check_same_options(tmp_path, ["--dataset", "demo", "--num_epoch", "3"])  # 2200 320 images
 
 
 def test_options_of_an_earlier_version_are_compared_parsed(tmp_path):
     (tmp_path / ablation.OPTIONS_FILE).write_text(json.dumps(["--dataset", "demo", "--num_epoch", "3"]))
     started(tmp_path)
-    ablation.check_same_options(tmp_path, ["--num_epoch=3", "--dataset", "demo"])
+    check_same_options(tmp_path, ["--num_epoch=3", "--dataset", "demo"])
     with pytest.raises(ablation.AblationError):
-        ablation.check_same_options(tmp_path, ["--num_epoch=4", "--dataset", "demo"])
+        check_same_options(tmp_path, ["--num_epoch=4", "--dataset", "demo"])
 
 
 def test_a_typo_is_refused_before_anything_is_recorded(tmp_path):
     with pytest.raises(ablation.AblationError, match="--bogus_opt") as err:
-        ablation.run_table(tmp_path, [0], ["--dataset", "demo", "--bogus_opt", "3"], show_progress=False)
+        run_table(tmp_path, [0], ["--dataset", "demo", "--bogus_opt", "3"], show_progress=False)
     assert "main_nni.py" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(ablation.AblationError, match="--num_epoch"):
-        ablation.run_table(tmp_path, [0], ["--dataset", "demo", "--num_epoch", "three"], show_progress=False)
+        run_table(tmp_path, [0], ["--dataset", "demo", "--num_epoch", "three"], show_progress=False)
     with pytest.raises(ablation.AblationError, match="--experiment_dir"):  # an abbreviation of one of its own
-        ablation.run_table(tmp_path, [0], ["--experiment_dir", "x"], show_progress=False)
+        run_table(tmp_path, [0], ["--experiment_dir", "x"], show_progress=False)
     assert not (tmp_path / ablation.OPTIONS_FILE).exists() and not (tmp_path / "runs.log").exists()
 
 
 def test_a_folder_with_no_started_run_takes_new_options(tmp_path):
     """Options that made no run (main_nni.py refused them) do not bind the folder."""
-    ablation.check_same_options(tmp_path, ["--dataset", "demo", "--num_epoch", "3"])
+    check_same_options(tmp_path, ["--dataset", "demo", "--num_epoch", "3"])
     (tmp_path / "aesthetics-seed0").mkdir()  # a run that stopped before its first checkpoint
-    ablation.check_same_options(tmp_path, ["--dataset", "demo", "--num_epoch", "4"])
+    check_same_options(tmp_path, ["--dataset", "demo", "--num_epoch", "4"])
     started(tmp_path, "aesthetics-theme-seed0")
-    ablation.check_same_options(tmp_path, ["--dataset", "demo", "--num_epoch=4"])
+    check_same_options(tmp_path, ["--dataset", "demo", "--num_epoch=4"])
     with pytest.raises(ablation.AblationError):
-        ablation.check_same_options(tmp_path, ["--dataset", "demo", "--num_epoch", "3"])
+        check_same_options(tmp_path, ["--dataset", "demo", "--num_epoch", "3"])
 
 
 @pytest.mark.parametrize("code, cause, again", [(1, "error: run folder X is in use by another run (pid 7)", False),
@@ -145,7 +149,7 @@ def test_a_failed_run_says_why(tmp_path, monkeypatch, code, cause, again):
              f"sys.exit({code})"
     monkeypatch.setattr(ablation.Run, "command", lambda self, options: [sys.executable, "-c", script])
     with pytest.raises(ablation.AblationError) as err:
-        ablation.run_table(tmp_path, [0], ["--dataset", "demo"], show_progress=False)
+        run_table(tmp_path, [0], ["--dataset", "demo"], show_progress=False)
     message = str(err.value)
     assert cause in message and "12:00:01" not in message and str(tmp_path / "runs.log") in message
     assert ("run the same command again" in message) == again, message

@@ -11,8 +11,10 @@ import torch
 import yaml
 
 import option
-from helpers.presets import RELEASED
+from models import get_pretrained_cfg
 from helpers.runtime import resolve_amp
+
+RELEASED = {v: get_pretrained_cfg(v).weight_file for v in ("tad66k", "ava")}  # the released weight files
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_TAD66K_SPACE = {  # the authors' search_space.json

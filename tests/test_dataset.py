@@ -514,10 +514,8 @@ def test_ava_dataset_distribution_target(tmp_path):
 
 def test_ava_dataset_tad66k_variant_target_is_mean_over_10(tmp_path):
     csv, img_dir = make_ava_data(tmp_path, ["10,0,0,0,0,1,3,0,0,0,0,1,2,3"])
-    item = ds.AVADataset(csv, img_dir, train=False, variant="tad66k")[0]
+    item = ds.AVADataset(csv, img_dir, train=False, distribution=False)[0]
     assert item["target"].shape == (1,) and item["target"].item() == pytest.approx(0.575)
-    with pytest.raises(ValueError, match="variant"):
-        ds.AVADataset(csv, img_dir, train=False, variant="nima")
 
 
 def test_ava_dataset_skip_bad(tmp_path):

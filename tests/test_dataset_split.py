@@ -168,7 +168,7 @@ def make_tad66k(root):
 
 def test_build_tad66k_with_carved_validation(tmp_path):
     root = make_tad66k(tmp_path / "TAD66K")
-    sets = ds.build_datasets("tad66k", variant="tad66k", image_dir=root / "images", csv_dir=root,
+    sets = ds.build_datasets("tad66k", distribution=False, image_dir=root / "images", csv_dir=root,
                              val_fraction=0.25, seed=0)
     assert set(sets) == {"train", "val", "test"}
     assert (len(sets["train"]), len(sets["val"]), len(sets["test"])) == (9, 3, 4)
@@ -185,11 +185,11 @@ def test_build_tad66k_with_carved_validation(tmp_path):
 
 def test_build_tad66k_test_as_validation_and_split_dir(tmp_path):
     root = make_tad66k(tmp_path / "TAD66K")
-    sets = ds.build_datasets("tad66k", variant="tad66k", image_dir=root / "images", csv_dir=root,
+    sets = ds.build_datasets("tad66k", distribution=False, image_dir=root / "images", csv_dir=root,
                              validation="test")
     assert len(sets["train"]) == 12 and sets["val"].names == sets["test"].names
     assert not (root / "merge" / "val_split.csv").exists()
-    ds.build_datasets("tad66k", variant="tad66k", image_dir=root / "images", csv_dir=root,
+    ds.build_datasets("tad66k", distribution=False, image_dir=root / "images", csv_dir=root,
                       split_dir=tmp_path / "splits")
     assert (tmp_path / "splits" / "val_split.csv").is_file() and not (root / "merge" / "val_split.csv").exists()
 
@@ -197,22 +197,22 @@ def test_build_tad66k_test_as_validation_and_split_dir(tmp_path):
 def test_build_tad66k_errors(tmp_path):
     root = make_tad66k(tmp_path / "TAD66K")
     with pytest.raises(ValueError, match="needs image_dir"):
-        ds.build_datasets("tad66k", variant="tad66k", csv_dir=root)
+        ds.build_datasets("tad66k", distribution=False, csv_dir=root)
     with pytest.raises(ValueError, match="'ava' variant needs vote distributions"):
-        ds.build_datasets("tad66k", variant="ava", image_dir=root, csv_dir=root)
+        ds.build_datasets("tad66k", distribution=True, image_dir=root, csv_dir=root)
     with pytest.raises(ValueError, match="validation"):
-        ds.build_datasets("tad66k", variant="tad66k", image_dir=root, csv_dir=root, validation="train")
+        ds.build_datasets("tad66k", distribution=False, image_dir=root, csv_dir=root, validation="train")
     with pytest.raises(ValueError, match="dataset must be"):
-        ds.build_datasets("flickr", variant="tad66k", image_dir=root)
+        ds.build_datasets("flickr", distribution=False, image_dir=root)
     with pytest.raises(DataError,
                        match="holds neither merge/train.csv and merge/test.csv .* nor train.csv and test.csv"):
-        ds.build_datasets("tad66k", variant="tad66k", image_dir=root, csv_dir=tmp_path / "empty")
+        ds.build_datasets("tad66k", distribution=False, image_dir=root, csv_dir=tmp_path / "empty")
 
 
 @pytest.mark.slow
 def test_build_tad66k_defaults_to_the_shipped_csvs(tmp_path):
     # no images needed to build the datasets; the carved split goes to split_dir, not into the repo
-    sets = ds.build_datasets("tad66k", variant="tad66k", image_dir=tmp_path, validation="split",
+    sets = ds.build_datasets("tad66k", distribution=False, image_dir=tmp_path, validation="split",
                              split_dir=tmp_path / "splits")
     # the split every TAD66K run and trial uses: 10%, stratified by theme, seed 0, as it always was
     info = json.loads((tmp_path / "splits" / "split_info.json").read_text())
@@ -239,24 +239,24 @@ def make_ava(root, with_train=True):
 
 def test_build_ava(tmp_path):
     root = make_ava(tmp_path / "AVA")
-    sets = ds.build_datasets("ava", variant="ava", image_dir=root / "images", csv_dir=root)
+    sets = ds.build_datasets("ava", distribution=True, image_dir=root / "images", csv_dir=root)
     assert [len(sets[k]) for k in ("train", "val", "test")] == [2, 1, 2]
     item = sets["train"][0]
     assert item["target"].shape == (10,) and item["score"] == pytest.approx(5.0) and item["theme"] == ""
     assert sets["val"].names == ["3"]
-    sets = ds.build_datasets("ava", variant="tad66k", image_dir=root / "images", csv_dir=root, validation="test")
+    sets = ds.build_datasets("ava", distribution=False, image_dir=root / "images", csv_dir=root, validation="test")
     assert sets["val"].names == ["4", "5"] and sets["test"][1]["target"].item() == pytest.approx(0.5)
 
 
 def test_build_ava_without_train_csv_explains_how_to_make_it(tmp_path):
     root = make_ava(tmp_path / "AVA", with_train=False)
     with pytest.raises(DataError, match="train.csv not found.*tools/make_ava_splits.py"):
-        ds.build_datasets("ava", variant="ava", image_dir=root / "images", csv_dir=root)
+        ds.build_datasets("ava", distribution=True, image_dir=root / "images", csv_dir=root)
     other = write_csv(tmp_path / "mytrain.csv", AVA_HEADER + "1,0,0,0,1,2,1,0,0,0,0,1,2,3\n")
-    sets = ds.build_datasets("ava", variant="ava", image_dir=root / "images", csv_dir=root, train_csv=other)
+    sets = ds.build_datasets("ava", distribution=True, image_dir=root / "images", csv_dir=root, train_csv=other)
     assert sets["train"].names == ["1"]
     with pytest.raises(ValueError, match="needs image_dir"):
-        ds.build_datasets("ava", variant="ava", csv_dir=root)
+        ds.build_datasets("ava", distribution=True, csv_dir=root)
 
 
 # --------------------------------------------------------------------------- build_datasets: csv
@@ -268,22 +268,22 @@ def test_build_csv_own_data(tmp_path):
                       "image,score,theme\n" + "".join(f"p{i}.png,{i * 10},{'x' if i < 5 else 'y'}\n"
                                                       for i in range(8)))
     test = write_csv(tmp_path / "mine" / "te.csv", "image,score\np8.png,0\np9.png,100\n")
-    sets = ds.build_datasets("csv", variant="tad66k", image_dir=img, train_csv=train, test_csv=test,
+    sets = ds.build_datasets("csv", distribution=False, image_dir=img, train_csv=train, test_csv=test,
                              score_range=(0, 100), val_fraction=0.25)
     assert (len(sets["train"]), len(sets["val"])) == (6, 2)
     assert sorted(sets["val"].themes) == ["x", "y"]  # stratified by the theme column
     assert sets["test"].scores.tolist() == [1.0, 10.0] and sets["test"].themes == ["", ""]
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["te.csv", "tr.csv"]
-    sets = ds.build_datasets("csv", variant="tad66k", image_dir=img, train_csv=train, test_csv=test,
+    sets = ds.build_datasets("csv", distribution=False, image_dir=img, train_csv=train, test_csv=test,
                              val_csv=test, score_range=(0, 100))
     assert len(sets["train"]) == 8 and sets["val"].names == ["p8.png", "p9.png"]
 
 
 def test_build_csv_requires_its_arguments(tmp_path):
     with pytest.raises(ValueError, match="needs train_csv and test_csv"):
-        ds.build_datasets("csv", variant="tad66k", image_dir=tmp_path, train_csv=tmp_path / "a.csv")
+        ds.build_datasets("csv", distribution=False, image_dir=tmp_path, train_csv=tmp_path / "a.csv")
     with pytest.raises(DataError, match="training CSV .*not found"):
-        ds.build_datasets("csv", variant="tad66k", image_dir=tmp_path, train_csv=tmp_path / "a.csv",
+        ds.build_datasets("csv", distribution=False, image_dir=tmp_path, train_csv=tmp_path / "a.csv",
                           test_csv=tmp_path / "b.csv")
 
 
@@ -291,7 +291,7 @@ def test_build_csv_requires_its_arguments(tmp_path):
 
 def test_build_demo_generates_on_first_use(tmp_path):
     root = tmp_path / "demo"
-    sets = ds.build_datasets("demo", variant="tad66k", csv_dir=root,
+    sets = ds.build_datasets("demo", distribution=False, csv_dir=root,
                              demo_options={"n_train": 12, "n_test": 4, "size": 48})
     assert (root / "manifest.json").is_file()
     assert (len(sets["train"]) + len(sets["val"]), len(sets["test"])) == (12, 4)
@@ -306,14 +306,14 @@ def test_the_reference_csv_form_is_accepted(tmp_path, caplog):
     """--path_to_save_csv ./dataset/merge/ (train.csv and test.csv directly), per-theme metrics when the
     theme CSVs are beside it (../unmerge/), and a message naming both forms when neither is there."""
     made = make_tad66k(tmp_path / "dataset")  # dataset/merge/{train,test}.csv, dataset/unmerge/...
-    sets = ds.build_datasets("tad66k", variant="tad66k", image_dir=made / "images", csv_dir=made / "merge")
+    sets = ds.build_datasets("tad66k", distribution=False, image_dir=made / "images", csv_dir=made / "merge")
     assert len(sets["test"]) == 4 and set(sets["test"].themes) == {"cat", "dog"}
     bare = tmp_path / "bare"
     bare.mkdir()
     for name in ("train.csv", "test.csv"):
         (bare / name).write_bytes((made / "merge" / name).read_bytes())
     with caplog.at_level("WARNING", logger="dataset"):
-        sets = ds.build_datasets("tad66k", variant="tad66k", image_dir=made / "images", csv_dir=bare)
+        sets = ds.build_datasets("tad66k", distribution=False, image_dir=made / "images", csv_dir=bare)
     assert sets["test"].themes == [""] * 4 and "no per-theme CSVs" in caplog.text
     with pytest.raises(DataError, match=r"--path_to_save_csv.*neither merge/train.csv and merge/test.csv"):
-        ds.build_datasets("tad66k", variant="tad66k", image_dir=made / "images", csv_dir=tmp_path / "nothing")
+        ds.build_datasets("tad66k", distribution=False, image_dir=made / "images", csv_dir=tmp_path / "nothing")

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.engine import autocast, make_loader, prepare_images, to_device
+from training.engine import make_loader, prepare_images
 from golden import golden_input, golden_state_dict
 from models import conv_fusion_available, TANet, fold_batchnorm
 from path_helpers import (CPU, golden_batches, golden_scores, golden_tanet, needs_bf16_instructions, needs_native_bf16,
                           perturb_batchnorm)
-from helpers.runtime import cpu_has_native_bf16
+from helpers.runtime import autocast, cpu_has_native_bf16, to_device
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA = torch.device("cuda") if torch.cuda.is_available() else None

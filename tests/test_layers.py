@@ -14,11 +14,13 @@ LAYERS = {  # lower numbers are lower layers
     1: {"option"},
     2: {"dataset", "imagedata.images", "imagedata.image_check", "imagedata.cache", "imagedata.augment",
         "imagedata.flickr_aes", "imagedata.demo_data", "imagedata.personal_data", "imagedata", "models"},
-    3: {"training.engine", "training.run_data", "scoring", "scoring.result_files", "scoring.onnx_model",
+    3: {"training.engine", "training.run_data", "scoring", "scoring.errors", "scoring.inputs", "scoring.scorer",
+        "scoring.results", "scoring.result_log", "scoring.onnx_model",
         "scoring.onnx_export", "scoring.ray_engine", "report", "webapp",
         "paper.ablation", "paper.personalize", "training", "paper"},
     4: {"main_nni", "predict", "serve", "report.__main__", "tools"},
 }
+REPORT_PUBLIC = {"report.__init__", "report.build", "report.attention", "report.__main__"}  # usable from outside
 DATA = {m for m in LAYERS[2] if m != "models"}  # dataset.py and imagedata/
 FORBIDDEN = {*((d, "models") for d in DATA), *(("models", d) for d in DATA), ("option", "*")}
 
@@ -65,9 +67,13 @@ def our_imports(path: Path, ours: set[str]) -> set[str]:
     return found
 
 
+def our_files() -> list[Path]:
+    return [p for p in REPO.rglob("*.py") if p.relative_to(REPO).parts[0] not in ("tests", "docs", ".git")
+            and not any(part.startswith(".") for part in p.relative_to(REPO).parts)]
+
+
 def graph() -> dict[str, set[str]]:
-    files = [p for p in REPO.rglob("*.py") if p.relative_to(REPO).parts[0] not in ("tests", "docs", ".git")
-             and not any(part.startswith(".") for part in p.relative_to(REPO).parts)]
+    files = our_files()
     ours = {module_of(p) for p in files} | {"report.__main__"}
     edges: dict[str, set[str]] = {}
     for path in files:
@@ -105,6 +111,33 @@ def test_there_are_no_import_cycles():
             visit(node, [])
 
 
+def test_code_outside_the_report_uses_only_its_public_modules():
+    """The library (``report``, ``report.build``) and the web page's figure (``report.attention``); never the
+    report's internals (its passes, figures, page...)."""
+    internals = {f"report.{p.stem}" for p in (REPO / "report").glob("*.py")} - REPORT_PUBLIC
+    bad = []
+    for path in our_files():
+        if path.relative_to(REPO).parts[0] == "report":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            bad += [f"{path.relative_to(REPO)} imports {name}" for name in names if name in internals]
+    assert not bad, bad
+
+
 def test_every_module_is_placed_in_a_layer():
     for module in graph():
         layer(module)
+
+
+def test_library_code_takes_arguments_not_the_command_line_parser():
+    """Only entry scripts (and option.py's own tests) read option.py: the library packages (data, models,
+    training, scoring, the report's library, the web app, the paper's tables) get what they need as arguments."""
+    library = {m for number in (2, 3) for m in LAYERS[number]}
+    bad = sorted(source for source, targets in graph().items() if source in library and "option" in targets)
+    assert not bad, f"library modules that import option.py: {bad}"

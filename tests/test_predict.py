@@ -15,8 +15,10 @@ from PIL import Image
 
 import predict
 from models import TANet
-from helpers.presets import RELEASED
+from models import get_pretrained_cfg
 from scoring import Scorer
+
+RELEASED = {v: get_pretrained_cfg(v).weight_file for v in ("tad66k", "ava")}  # the released weight files
 
 REPO = Path(__file__).resolve().parent.parent
 QUIET = ["--num_workers", "0", "--quiet", "--device", "cpu"]

@@ -1,4 +1,5 @@
-"""scoring/result_files.py: the output formats, an output that grows and resumes (ResultLog), shards."""
+"""scoring/results.py, result_log.py and inputs.py's shards: the output formats, an output that grows and resumes
+(ResultLog), shards."""
 from __future__ import annotations
 
 import csv
@@ -9,18 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from scoring.result_files import (
-    ResultLog,
-    ScoreResult,
-    ScoringError,
-    csv_row,
-    parse_shard,
-    partial_rows_path,
-    rank_results,
-    resume_state_path,
-    shard_of,
-    write_results,
-)
+from scoring.errors import ScoringError
+from scoring.inputs import parse_shard, shard_of
+from scoring.result_log import ResultLog, partial_rows_path, resume_state_path
+from scoring.results import ScoreResult, csv_row, rank_results, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {"weights": "w.pth", "amp": "none"}
@@ -121,15 +114,15 @@ def test_a_run_stopped_while_writing_its_final_file_completes_on_resume(tmp_path
     log = _log(out, AVA, resume=False)
     for r in AVA:
         log.add(r)
-    from scoring import result_files
-    real_replace = result_files.os.replace
+    from scoring import result_log
+    real_replace = result_log.os.replace
 
     def replace(src, dst):
         if Path(dst) == out:
             raise KeyboardInterrupt  # stopped between the final file's write and its rename
         real_replace(src, dst)
 
-    monkeypatch.setattr(result_files.os, "replace", replace)
+    monkeypatch.setattr(result_log.os, "replace", replace)
     with pytest.raises(KeyboardInterrupt):
         log.finish(rank_results(AVA, sort="desc"))
     monkeypatch.undo()
@@ -168,7 +161,7 @@ def test_jsonl_and_parquet_outputs(tmp_path, suffix):
 
 def test_parquet_without_pyarrow_names_the_requirements_file(tmp_path):
     code = ("import sys; sys.modules['pyarrow'] = None; sys.modules['pyarrow.parquet'] = None\n"
-            "from scoring.result_files import check_output_path\n"
+            "from scoring.results import check_output_path\n"
             "try:\n    check_output_path('out.parquet')\nexcept ValueError as e:\n    print(e)\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert "needs pyarrow; install it with pip install -r requirements-scale.txt" in done.stdout, done.stderr
@@ -187,8 +180,8 @@ def test_shards_are_deterministic_disjoint_and_covering():
             parse_shard(bad)
 
 
-def test_result_files_import_no_torch():
-    """The torch-free scoring path writes its results with this module."""
-    code = "import sys, scoring.result_files; print('torch' in sys.modules)"
+def test_result_modules_import_no_torch():
+    """The torch-free scoring path finds its images and writes its results with these modules."""
+    code = "import sys, scoring.inputs, scoring.results, scoring.result_log; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False", done.stderr

@@ -1,4 +1,5 @@
-"""scoring.py: finding images, the Scorer API, batch independence, streaming, ranking and writing results."""
+"""scoring/ (inputs, scorer, results): finding images, the Scorer API, batch independence, streaming, ranking and
+writing results."""
 from __future__ import annotations
 
 import copy
@@ -16,12 +17,14 @@ import torch
 from PIL import Image
 
 from imagedata import images as images_module
-import scoring
+import scoring.scorer
 from dataset import build_transform, load_image
 from models import TANet, load_tanet
 from helpers.runtime import scoring_parallelism
-from helpers.presets import RELEASED
+from models import get_pretrained_cfg
 from scoring import ScoreResult, Scorer, ScoringError, ScoringWarning, collect_images, rank_results, write_results
+
+RELEASED = {v: get_pretrained_cfg(v).weight_file for v in ("tad66k", "ava")}  # the released weight files
 
 
 def _image(path, seed, size=(36, 24), mode="RGB"):
@@ -240,8 +243,8 @@ def test_bf16_is_close_to_float32(tad_scorer, images, alone):
 
 def test_ten_thousand_paths_stream_through_the_loader(tad_scorer, images, monkeypatch, tmp_path):
     loaded = []
-    real = scoring.load_image
-    monkeypatch.setattr(scoring, "load_image", lambda p, **kw: (loaded.append(p), real(p, **kw))[1])
+    real = scoring.scorer.load_image
+    monkeypatch.setattr(scoring.scorer, "load_image", lambda p, **kw: (loaded.append(p), real(p, **kw))[1])
     paths = [images[0]] + [str(tmp_path / f"missing{i}.jpg") for i in range(9_999)]
     stream = tad_scorer.iter_results(paths)
     first = next(stream)

@@ -38,7 +38,7 @@ from starlette.requests import Request  # noqa: E402
 
 import serve  # noqa: E402
 from models import TANet  # noqa: E402
-from helpers.presets import VARIANT_PRESETS  # noqa: E402
+from models import get_pretrained_cfg  # noqa: E402
 from scoring import Scorer, output_columns, write_results  # noqa: E402
 from webapp import Limits, create_app  # noqa: E402
 from webapp.uploads import UploadError, body_limit, human_bytes, label, read_uploads  # noqa: E402
@@ -157,7 +157,7 @@ def test_health_tells_the_model_its_preprocessing_and_the_limits(ava):
         info = requests.get(server.url + path, timeout=10).json()
         assert info["variant"] == "ava" and info["checkpoint"] == ckpt.name == "ava.pth"
         assert info["device"] == "cpu" and info["theme_fusion"] == "isolated"
-        assert info["preprocessing"] == VARIANT_PRESETS["ava"].preprocessing
+        assert info["preprocessing"] == get_pretrained_cfg("ava").preprocessing
         assert info["limits"] == {"max_file_bytes": 200_000, "max_files": 4, "slots": 1, "queue": 3,
                                   "max_pixels": 200_000_000, "body_timeout": 60.0}
         assert info["columns"] == output_columns("ava") and info["attention"] is True

@@ -11,6 +11,7 @@ import pytest
 
 from paper import ablation
 import main_nni
+import option
 from helpers import safe_io
 from reliability_helpers import TinyTANet
 
@@ -89,7 +90,8 @@ def test_the_ablation_table_json_is_strict(tiny, demo_root, tmp_path, monkeypatc
     monkeypatch.setattr(ablation, "execute", execute)
     options = trial(demo_root, tmp_path)[:-2]
     options[options.index("--max_images") + 1] = "1"  # one test image: SRCC undefined in every run
-    table = ablation.run_table(tmp_path / "t5", [0], options, show_progress=False)
+    table = ablation.run_table(tmp_path / "t5", [0], options, read_options=option.parse_trial_options,
+                               show_progress=False)
     assert any(math.isnan(row["srcc"][0]) for row in table["rows"])  # undefined on 3 images
     strict_files(tmp_path / "t5")
     saved = strict_loads((tmp_path / "t5" / "table5.json").read_text())

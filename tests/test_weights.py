@@ -7,8 +7,8 @@ import threading
 import pytest
 import torch
 
-from helpers import presets
 from reliability_helpers import MarkerPayload
+from models import registry
 from models import (
     PARAM_GROUPS,
     TANet,
@@ -21,8 +21,10 @@ from models import (
     read_tanet_checkpoint,
     resolve_weights,
 )
-from helpers.presets import RELEASED, WEIGHT_FILES
+from models.registry import WEIGHT_FILES
 from helpers.safe_io import CheckpointError, UnsafeCheckpointError, sha256_file
+
+RELEASED = {v: registry.get_pretrained_cfg(v).weight_file for v in ("tad66k", "ava")}  # the released weight files
 
 
 @pytest.fixture(scope="module")
@@ -162,8 +164,9 @@ def test_resolve_weights_downloads_from_the_registry(tmp_path, monkeypatch):
     thread.start()
     try:
 
-        entry = presets.WeightFile("mobilenetv2.pth.tar", "mobilenet_v2", None, f"http://127.0.0.1:{server.server_port}/m")
-        monkeypatch.setitem(presets.WEIGHT_FILES, entry.name, entry)
+        entry = registry.WeightFile("mobilenetv2.pth.tar", "mobilenet_v2", None,
+                                    f"http://127.0.0.1:{server.server_port}/m")
+        monkeypatch.setitem(registry.WEIGHT_FILES, entry.name, entry)
         path = resolve_weights("mobilenetv2.pth.tar", directory=tmp_path, download_missing=True, progress=False)
     finally:
         server.shutdown()

@@ -56,10 +56,10 @@ from imagedata.augment import augment_batch  # noqa: E402
 from imagedata.cache import CachedDataset, build_cache  # noqa: E402
 from dataset import ScoreImageDataset  # noqa: E402
 from imagedata.demo_data import GenerationError  # noqa: E402
-from training.engine import amp_dtype, infer, make_loader, train_one_epoch  # noqa: E402
+from training.engine import infer, make_loader, train_one_epoch  # noqa: E402
 from models import TANet, conv_fusion_available, fold_batchnorm, fuse_conv_activations  # noqa: E402
 from helpers.runtime import (  # noqa: E402
-    ALLOCATORS, cpu_has_native_bf16, resolve_device, seed_everything, tune_cpu_allocator, usable_cpus)
+    ALLOCATORS, amp_dtype, cpu_has_native_bf16, resolve_device, seed_everything, tune_cpu_allocator, usable_cpus)
 from helpers.safe_io import atomic_save_json, atomic_torch_save  # noqa: E402
 
 TOKENS = ("compile", "freeze", "isolated", "foldbn", "fuse", "bf16", "fp16", "channels_last")

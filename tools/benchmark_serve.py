@@ -36,7 +36,7 @@ import requests  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from models import TANet  # noqa: E402
+from models import TANet, list_variants  # noqa: E402
 from helpers.runtime import usable_cpus  # noqa: E402
 from helpers.safe_io import atomic_save_json  # noqa: E402
 
@@ -46,7 +46,7 @@ SIZE = (1024, 683)  # width, height: a 3:2 photo
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Images/s through serve.py's POST /api/score, end to end.")
     p.add_argument("--path_to_model_weight", default=None, help="checkpoint to serve (default: random weights)")
-    p.add_argument("--variant", choices=("tad66k", "ava"), default="tad66k", help="variant of the random weights")
+    p.add_argument("--variant", choices=list_variants(), default="tad66k", help="variant of the random weights")
     p.add_argument("--images", type=int, default=200, help="images to score (default: 200)")
     p.add_argument("--per_request", type=int, default=8, help="files per request (default: 8)")
     p.add_argument("--clients", type=int, default=1, help="client threads posting at once (default: 1)")

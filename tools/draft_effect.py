@@ -21,7 +21,8 @@ if str(REPO_DIR) not in sys.path:  # run as `python tools/draft_effect.py`
 
 from helpers.console import one_line  # noqa: E402
 from helpers.safe_io import atomic_save_json  # noqa: E402
-from dataset import DataError, read_score_csv  # noqa: E402
+from dataset import read_score_csv  # noqa: E402
+from imagedata.images import DataError  # noqa: E402
 from scoring import Scorer, ScoringError, collect_images  # noqa: E402
 from util import srcc  # noqa: E402
 

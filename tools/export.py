@@ -34,17 +34,22 @@ PROG = "tools/export.py"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Export a TANet checkpoint to ONNX (isolated theme fusion, "
                                 "dynamic batch, preprocessing in the metadata).")
-    p.add_argument("checkpoint", help="a TANet checkpoint: ours (runs/<name>/best.pth) or a released one (a path or "
-                                      "its registry name, looked up in --checkpoints_dir)")
+    p.add_argument("checkpoint", nargs="?", default=None,
+                   help="a TANet checkpoint: ours (runs/<name>/best.pth) or a released one (a path or its file name, "
+                        "looked up in --checkpoints_dir); or pass --model NAME")
     p.add_argument("--out", required=True, help="the .onnx file to write")
     option.add_checkpoint_options(p, weight_option=False)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.checkpoint is None) == (args.model is None):
+        parser.error("name the checkpoint to export: a checkpoint argument or --model NAME (one of them)")
     try:
-        checkpoint = resolve_weights(args.checkpoint, directory=args.checkpoints_dir, download_missing=args.download)
+        checkpoint = resolve_weights(args.checkpoint or args.model, directory=args.checkpoints_dir,
+                                     download_missing=args.download)
         info, diff = export_onnx(checkpoint, args.out, variant=args.variant, allow_unsafe=args.allow_unsafe_load)
     except (ExportError, ValueError, FileNotFoundError, DownloadError) as exc:
         print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)

@@ -28,7 +28,8 @@ if str(REPO_DIR) not in sys.path:  # run as `python tools/make_ava_splits.py`
 
 import pandas as pd  # noqa: E402
 
-from dataset import AVA_COLUMNS, AVA_TAG_COLUMNS, AVA_VOTE_COLUMNS, DataError, read_ava_csv  # noqa: E402
+from dataset import AVA_COLUMNS, AVA_TAG_COLUMNS, AVA_VOTE_COLUMNS, read_ava_csv  # noqa: E402
+from imagedata.images import DataError  # noqa: E402
 from helpers.safe_io import atomic_write  # noqa: E402
 
 DEFAULT_AVA_DIR = REPO_DIR / "data" / "AVA"

@@ -28,10 +28,10 @@ if str(REPO_DIR) not in sys.path:  # run as `python tools/paper_tables.py`
 import option  # noqa: E402
 from paper.ablation import AblationError, run_table  # noqa: E402
 from helpers.console import one_line  # noqa: E402
-from dataset import DataError  # noqa: E402
+from imagedata.images import DataError  # noqa: E402
 from imagedata.flickr_aes import RatedImageDataset, WorkerSplit, image_folder, load_split  # noqa: E402
 from imagedata.image_check import check_images  # noqa: E402
-from models import load_tanet, resolve_weights  # noqa: E402
+from models import get_pretrained_cfg, load_tanet, resolve_weights  # noqa: E402
 from imagedata.personal_data import DEFAULT_ROOT, TEST_WORKERS_FILE, ensure_personal_dataset  # noqa: E402
 from paper.personalize import (  # noqa: E402
     FINETUNE_PARTS,
@@ -221,7 +221,7 @@ def run_personalized(args: argparse.Namespace) -> int:
         checkpoint = generic_checkpoint(args, flickr_dir, test_workers, out)
         model, meta = load_tanet(checkpoint, theme_fusion=args.theme_fusion)
         model.to(device)
-        if model.variant != "tad66k":
+        if get_pretrained_cfg(model.variant).is_distribution:
             raise CheckpointError(f"{checkpoint} is an {model.variant!r} TANet; the protocol fine-tunes a tad66k one "
                                   f"(one score per image), as main_nni.py --dataset flickr_aes trains")
         batch = args.eval_batch_size or int((meta.get("options") or {}).get("eval_batch_size") or 40)
@@ -263,7 +263,8 @@ def run_ablation(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with RunLock(out):
-        table = run_table(out, args.seeds, args.main_nni_options, show_progress=sys.stderr.isatty())
+        table = run_table(out, args.seeds, args.main_nni_options, read_options=option.parse_trial_options,
+                          show_progress=sys.stderr.isatty())
     print((out / "table5.md").read_text(encoding="utf-8"), end="")
     print(f"table: {out / 'table5.md'} ({table['seconds_of_the_runs'] / 60:.1f} min of training and testing)")
     return 0

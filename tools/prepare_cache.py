@@ -23,7 +23,7 @@ if str(REPO_DIR) not in sys.path:  # run as `python tools/prepare_cache.py`
 import option  # noqa: E402
 from imagedata.cache import DEFAULT_CHUNK, build_cache  # noqa: E402
 from helpers.console import one_line  # noqa: E402
-from dataset import DataError  # noqa: E402
+from imagedata.images import DataError  # noqa: E402
 from training.run_data import SPLITS, build_run_datasets  # noqa: E402
 
 
@@ -49,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "tools/prepare_cache.py", *argv])
     out = Path(args.out)
     try:
-        sets = build_run_datasets(args, splits=args.splits, split_dir=Path(args.split_dir or out / "split"),
-                                  log_dir=out, use_cache=False, progress=not args.quiet)
+        sets = build_run_datasets(option.complete_options(args), splits=args.splits,
+                                  split_dir=Path(args.split_dir or out / "split"), log_dir=out, use_cache=False,
+                                  progress=not args.quiet)
         for split, ds in sets.items():
             report = build_cache(ds, out / split, chunk_size=args.chunk_size, workers=args.workers,
                                  progress=not args.quiet, command=command)

@@ -1,7 +1,6 @@
 """The training and evaluation loops shared by the entry scripts (one epoch, one pass)."""
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -14,8 +13,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from imagedata.augment import augment_batch
 from helpers.console import progress as progress_bar
-from models import conv_fusion_available, fold_batchnorm, fuse_conv_activations
-from helpers.presets import metric_scores, scores_1_to_10
+from helpers.runtime import amp_dtype, autocast, to_device
+from models import conv_fusion_available, fold_batchnorm, fuse_conv_activations, get_pretrained_cfg
 from util import correlation_undefined, emd_loss, emd_loss_reference, evaluation_metrics
 
 
@@ -23,29 +22,7 @@ class NonFiniteError(FloatingPointError):
     """A NaN or infinity in the inputs, the predictions or the loss."""
 
 
-# --- precision, memory format -----------------------------------------------------------------
-
-_AMP_DTYPES = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def amp_dtype(amp: str) -> torch.dtype:
-    """The compute dtype of ``--amp`` (``none``: float32, ``bf16``, ``fp16``)."""
-    return _AMP_DTYPES[amp]
-
-
-def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """The autocast context of ``--amp`` (``none``, ``bf16`` or ``fp16``)."""
-    if amp == "none":
-        return contextlib.nullcontext()
-    if amp == "fp16" and device.type != "cuda":
-        raise ValueError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
-    return torch.autocast(device.type, dtype=amp_dtype(amp))
-
-
-def to_device(images: Tensor, device: torch.device, channels_last: bool) -> Tensor:
-    images = images.to(device, non_blocking=True)
-    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
-
+# --- memory format (precision and device placement: helpers.runtime) -----------------------------
 
 def prepare_images(images: Tensor, device: torch.device, *, train: bool, channels_last: bool) -> Tensor:
     """The model input of a batch on ``device``: float images as they are; uint8 images (from a
@@ -69,7 +46,8 @@ def make_criterion(name: str) -> Callable[[Tensor, Tensor], Tensor]:
 
 
 def default_loss(variant: str) -> str:
-    return "mse" if variant == "tad66k" else "emd_reference"
+    """The reference's training loss of a variant (its registry entry's ``loss``)."""
+    return get_pretrained_cfg(variant).loss
 
 
 # --- loaders ----------------------------------------------------------------------------------
@@ -242,20 +220,23 @@ class Predictions:
 
     def scores(self, variant: str) -> tuple[np.ndarray, np.ndarray]:
         """Predicted and true scores on the scale the metrics use: 0..1 (tad66k) or 1..10 (ava)."""
-        return metric_scores(np.stack(self.output), variant), metric_scores(np.stack(self.target), variant)
+        cfg = get_pretrained_cfg(variant)
+        return cfg.metric_scores(np.stack(self.output)), cfg.metric_scores(np.stack(self.target))
 
     def scores_1_to_10(self, variant: str) -> tuple[np.ndarray, np.ndarray]:
         """Predicted and true scores on 1..10."""
-        return scores_1_to_10(np.stack(self.output), variant), scores_1_to_10(np.stack(self.target), variant)
+        cfg = get_pretrained_cfg(variant)
+        return cfg.scores_1_to_10(np.stack(self.output)), cfg.scores_1_to_10(np.stack(self.target))
 
     def metrics(self, variant: str, per_theme: bool = True) -> dict:
         """SRCC, PLCC, accuracy, MSE (0..1 scale for tad66k), EMD (ava), loss, and per theme when asked."""
+        cfg = get_pretrained_cfg(variant)
         pred, true = self.scores(variant)
         dists = {}
-        if variant == "ava":
+        if cfg.is_distribution:
             dists = {"pred_dist": np.stack(self.output), "true_dist": np.stack(self.target)}
         themes = self.theme if per_theme and any(self.theme) else None
-        result = evaluation_metrics(pred, true, threshold=0.5 if variant == "tad66k" else 5.0, themes=themes, **dists)
+        result = evaluation_metrics(pred, true, threshold=cfg.accuracy_threshold, themes=themes, **dists)
         result["loss"] = self.loss_sum / max(len(self.index), 1)
         reason = correlation_undefined(pred, true)
         if reason:  # why SRCC and PLCC are NaN

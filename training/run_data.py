@@ -1,5 +1,5 @@
 """The data of a run, from its options: the splits built as ``main_nni.py`` builds them (the same
-option names and defaults), capped, checked, and read from the prepared cache when one is given.
+option names; the caller fills in the defaults), capped, checked, and read from the prepared cache when one is given.
 
 ``main_nni.py``, ``tools/prepare_cache.py`` and the report all build their splits here.
 """
@@ -11,23 +11,12 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import option
 from dataset import ImageTableDataset, build_datasets
 from imagedata.flickr_aes import build_flickr_datasets
 from imagedata.image_check import check_images
+from models import get_pretrained_cfg
 
 SPLITS = ("train", "val", "test")
-
-
-def complete_options(opts: Mapping[str, Any] | argparse.Namespace) -> dict[str, Any]:
-    """``opts`` (parsed options, or those saved in a checkpoint, perhaps by an older version) with every
-    missing option set to its default, the per-dataset ones included."""
-    given = dict(vars(opts) if isinstance(opts, argparse.Namespace) else opts)
-    if given.get("dataset") not in (None, *option.DATASETS):
-        raise ValueError(f"unknown dataset {given['dataset']!r}; expected one of {', '.join(option.DATASETS)}")
-    defaults = vars(option.build_parser().parse_args(["--dataset", str(given.get("dataset") or "demo")]))
-    merged = {**defaults, **{k: v for k, v in given.items() if v is not None}}
-    return vars(option.apply_dataset_defaults(argparse.Namespace(**merged)))
 
 
 def build_run_datasets(opts: Mapping[str, Any] | argparse.Namespace, *, splits: Iterable[str] = SPLITS,
@@ -37,15 +26,16 @@ def build_run_datasets(opts: Mapping[str, Any] | argparse.Namespace, *, splits: 
     """The datasets of ``splits``: built from the options, each cut to ``--max_images`` and checked
     (``--check_images``, ``--skip_missing``, ``--skip_bad``; lists of skipped images into ``log_dir``),
     then read from ``--cache_dir`` when set and ``use_cache``. ``split_dir``: where the carved validation
-    split is recorded (None: nowhere); ``validation`` overrides ``--validation``."""
-    o = complete_options(opts)
+    split is recorded (None: nowhere); ``validation`` overrides ``--validation``. ``opts`` holds every option
+    (``option.complete_options`` completes those of a checkpoint or a partial mapping)."""
+    o = dict(vars(opts) if isinstance(opts, argparse.Namespace) else opts)
     wanted = list(splits)
     unknown = [s for s in wanted if s not in SPLITS]
     if unknown:
         raise ValueError(f"unknown split(s) {unknown}; expected some of {SPLITS}")
     demo_train, demo_test = o["demo_images"]
     if o["dataset"] == "flickr_aes":
-        if o["variant"] != "tad66k":
+        if get_pretrained_cfg(o["variant"]).is_distribution:
             raise ValueError("--dataset flickr_aes needs --variant tad66k (one score per image)")
         sets = build_flickr_datasets(
             o["flickr_dir"], o["test_workers"], image_dir=o["path_to_images"], validation=validation or o["validation"],
@@ -53,7 +43,8 @@ def build_run_datasets(opts: Mapping[str, Any] | argparse.Namespace, *, splits: 
             follow_symlinks=o["follow_symlinks"])
     else:
         sets = build_datasets(
-            o["dataset"], variant=o["variant"], image_dir=o["path_to_images"], csv_dir=o["path_to_save_csv"],
+            o["dataset"], distribution=get_pretrained_cfg(o["variant"]).is_distribution,
+            image_dir=o["path_to_images"], csv_dir=o["path_to_save_csv"],
             validation=validation or o["validation"], val_fraction=o["val_fraction"], seed=o["split_seed"],
             score_range=tuple(o["score_range"]), skip_bad=o["skip_bad"], train_csv=o["train_csv"],
             val_csv=o["val_csv"], test_csv=o["test_csv"], split_dir=split_dir, follow_symlinks=o["follow_symlinks"],

@@ -4,7 +4,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import math
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,6 @@ from starlette.concurrency import run_in_threadpool
 
 from helpers.console import one_line, safe_text
 from imagedata.images import DataError
-from helpers.presets import VARIANT_PRESETS
 from scoring import Scorer, output_columns, result_rows
 
 from .slots import Busy, Slots
@@ -128,7 +127,7 @@ def _error(status: int, message: str, **headers: str) -> JSONResponse:
 
 def model_info(scorer: Scorer, limits: Limits) -> dict[str, Any]:
     """What ``/api/info`` answers: the model, its preprocessing and output, and the limits."""
-    preset = VARIANT_PRESETS[scorer.variant]
+    preset = scorer.pretrained_cfg
     return {
         "status": "ok",
         "model": "TANet",
@@ -153,11 +152,28 @@ def create_app(scorer: Scorer, limits: Limits = Limits(), *, hosts: Collection[s
     slots = Slots(limits.slots, limits.queue, (limits.slots + limits.queue) * body_limit(limits.max_files,
                                                                                           limits.max_file_bytes))
     info = model_info(scorer, limits)
-    upload_limit = body_limit(limits.max_files, limits.max_file_bytes)
     app = FastAPI(title="TANet aesthetic scores", version="1", docs_url=None, redoc_url=None)
     app.add_middleware(_HostCheck, hosts=(*LOCAL_HOSTS, *hosts), any_address=any_address)
     app.add_middleware(_SecurityHeaders)  # the outermost: every answer has them
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/api/info", summary="The model, its preprocessing and the server's limits")
+    @app.get("/api/health", summary="The same as /api/info")
+    async def health() -> dict[str, Any]:
+        return {**info, "admitted": slots.admitted, "receiving": slots.receiving}
+
+    _add_upload_routes(app, scorer, limits, _computer(slots, limits))
+    _add_csv_route(app, scorer, limits, slots)
+    return app
+
+
+def _computer(slots: Slots, limits: Limits) -> Callable[..., Awaitable[Any]]:
+    """``computed(request, field, max_files, work)`` of the upload routes, within ``slots`` and ``limits``."""
+    upload_limit = body_limit(limits.max_files, limits.max_file_bytes)
 
     async def computed(request: Request, field: str, max_files: int, work: Any) -> Any:
         """Read the request's uploads (holding no place while they arrive, within the body deadline),
@@ -180,14 +196,12 @@ def create_app(scorer: Scorer, limits: Limits = Limits(), *, hosts: Collection[s
                 await drain(request, upload_limit, deadline)
                 return _error(exc.status, exc.message)
 
-    @app.get("/", include_in_schema=False)
-    async def page() -> FileResponse:
-        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+    return computed
 
-    @app.get("/api/info", summary="The model, its preprocessing and the server's limits")
-    @app.get("/api/health", summary="The same as /api/info")
-    async def health() -> dict[str, Any]:
-        return {**info, "admitted": slots.admitted, "receiving": slots.receiving}
+
+def _add_upload_routes(app: FastAPI, scorer: Scorer, limits: Limits,
+                       computed: Callable[..., Awaitable[Any]]) -> None:
+    """``POST /api/score`` (results as JSON or CSV) and ``POST /api/attention`` (a PNG), on uploads."""
 
     @app.post("/api/score", summary="Score images sent as multipart form fields named 'files'",
               openapi_extra=_FILES_BODY)
@@ -223,6 +237,10 @@ def create_app(scorer: Scorer, limits: Limits = Limits(), *, hosts: Collection[s
             return png
         return Response(png, media_type="image/png")
 
+
+def _add_csv_route(app: FastAPI, scorer: Scorer, limits: Limits, slots: Slots) -> None:
+    """``POST /api/csv``: result rows of ``/api/score`` sent back, as predict.py's CSV."""
+
     @app.post("/api/csv", summary="Result rows of /api/score (JSON) as predict.py's CSV")
     async def results_csv(request: Request) -> Response:
         try:
@@ -245,5 +263,3 @@ def create_app(scorer: Scorer, limits: Limits = Limits(), *, hosts: Collection[s
             return _error(422, one_line(exc))
         return Response(text, media_type="text/csv; charset=utf-8",
                         headers={"Content-Disposition": 'attachment; filename="tanet_scores.csv"'})
-
-    return app

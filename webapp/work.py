@@ -13,8 +13,8 @@ from torch import Tensor
 
 from imagedata.images import DataError, PixelBudget, decode_image
 from helpers.presets import NUM_BINS
-from report.figures import ScoredImage, png_bytes, rgb_attention_figure
-from report.passes import rgb_attention_inputs
+from models import get_pretrained_cfg
+from report.attention import rgb_attention_png
 from helpers.runtime import release_free_memory
 from scoring import Scorer, ScoreResult, output_columns, result_rows, write_csv_rows
 
@@ -96,10 +96,7 @@ def attention_png(scorer: Scorer, upload: Upload) -> bytes:
         upload.data = None
         _release_after(budget)
     result = scorer.score_detailed(x.unsqueeze(0))[0]
-    inputs, patches, similarity = rgb_attention_inputs(scorer.model, [{"image": x}], [0], scorer.device)
-    score = math.nan if result.score is None else result.score
-    figure = rgb_attention_figure([ScoredImage(upload.name, math.nan, score)], inputs, patches, similarity)
-    return png_bytes(figure)
+    return rgb_attention_png(scorer.model, x, upload.name, result.score, scorer.device)
 
 
 def _number(row: dict, key: str, where: str) -> float | None:
@@ -116,6 +113,7 @@ def results_from_rows(rows: Any, variant: str) -> list[ScoreResult]:
     if not isinstance(rows, list):
         raise ValueError("expected a JSON list of result rows (the 'results' of /api/score)")
     columns = set(output_columns(variant))
+    distribution = get_pretrained_cfg(variant).is_distribution
     results = []
     for n, row in enumerate(rows, start=1):
         where = f"row {n}"
@@ -128,13 +126,13 @@ def results_from_rows(rows: Any, variant: str) -> list[ScoreResult]:
         if not isinstance(image, str) or not isinstance(error, (str, type(None))):
             raise ValueError(f"{where}: image must be a string and error a string or null")
         dist = None
-        if variant == "ava":
+        if distribution:
             bins = [_number(row, f"p{k}", where) for k in range(1, NUM_BINS + 1)]
             if any(b is None for b in bins) and not all(b is None for b in bins):
                 raise ValueError(f"{where}: p1..p{NUM_BINS} must all be numbers or all null")
             dist = None if bins[0] is None else tuple(bins)
         results.append(ScoreResult(image=image, score=_number(row, "score", where),
-                                   std=_number(row, "std", where) if variant == "ava" else None,
+                                   std=_number(row, "std", where) if distribution else None,
                                    distribution=dist, error=error))
     return results
 
