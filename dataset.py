@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from imagedata.images import DataError, EvalTransform, Resize, link_leaves_folder, load_image
-from helpers.presets import IMAGENET_MEAN, IMAGENET_STD, TRANSFORMS
+from helpers.preprocessing import IMAGENET_MEAN, IMAGENET_STD, TRANSFORMS
 from helpers.safe_io import atomic_save_json, atomic_write, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ _MAX_LISTED = 5  # names quoted in an error message
 # --------------------------------------------------------------------------- transforms
 
 def build_transform(style: str, train: bool) -> Any:
-    """The reference transform of a data style ("tad66k" or "ava", ``presets.TRANSFORMS``) for
+    """The reference transform of a data style ("tad66k" or "ava", ``preprocessing.TRANSFORMS``) for
     training or evaluation: TAD66K Resize((256,256)), RandomHorizontalFlip, RandomCrop(224) /
     Resize((224,224)); AVA PIL resize((224,224)) [, RandomHorizontalFlip]; then ToTensor, Normalize.
     Evaluation: ``images.EvalTransform``; training: a torchvision Compose (imported only then)."""

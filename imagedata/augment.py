@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from helpers.presets import IMAGENET_MEAN, IMAGENET_STD
-from helpers.presets import INPUT_SIZE as MODEL_INPUT
+from helpers.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+from helpers.preprocessing import INPUT_SIZE as MODEL_INPUT
 
 __all__ = ["AugmentParams", "sample_augment_params", "crop_flip", "normalise", "augment_batch"]
 

@@ -28,8 +28,8 @@ from torchvision import transforms
 
 from helpers.console import progress as progress_bar
 from imagedata.images import DataError, EvalTransform, Resize, load_image
-from helpers.presets import IMAGENET_MEAN, IMAGENET_STD
-from helpers.presets import INPUT_SIZE as MODEL_INPUT
+from helpers.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+from helpers.preprocessing import INPUT_SIZE as MODEL_INPUT
 from helpers.runtime import usable_cpus
 from helpers.safe_io import atomic_save_json, sha256_file
 

@@ -15,7 +15,7 @@ from typing import IO, TYPE_CHECKING
 import numpy as np
 from PIL import ExifTags, Image, TiffImagePlugin
 
-from helpers.presets import IMAGENET_MEAN, IMAGENET_STD, TRANSFORMS
+from helpers.preprocessing import IMAGENET_MEAN, IMAGENET_STD, TRANSFORMS
 
 if TYPE_CHECKING:
     import torch
@@ -261,7 +261,7 @@ def to_normalised_tensor(img: Image.Image) -> torch.Tensor:
 
 
 class EvalTransform:
-    """The reference's evaluation transform of a data style ("tad66k" or "ava", ``presets.TRANSFORMS``):
+    """The reference's evaluation transform of a data style ("tad66k" or "ava", ``preprocessing.TRANSFORMS``):
     its fixed resize, then ToTensor and ImageNet Normalize."""
 
     def __init__(self, style: str) -> None:

@@ -13,7 +13,7 @@ import fnmatch
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from helpers.presets import IMAGENET_MEAN, IMAGENET_STD, INPUT_SHAPE, TRANSFORMS
+from helpers.preprocessing import IMAGENET_MEAN, IMAGENET_STD, INPUT_SHAPE, TRANSFORMS
 from util import NUM_BINS, distribution_mean
 
 __all__ = ["PretrainedCfg", "WeightFile", "WEIGHT_FILES", "get_pretrained_cfg", "list_models", "list_variants",
@@ -64,7 +64,7 @@ class PretrainedCfg:
     theme_normalise: str  # "softmax" over the (B, B) theme matrix, or "batchnorm" + PReLU
     isolated_theme_value: float  # the theme matrix of a lone image after normalisation
     accuracy_threshold: float  # a score above it is "good", on the metrics' scale (0..1 or 1..10)
-    transform: str  # the key of helpers.presets.TRANSFORMS (the reference's preprocessing of its data)
+    transform: str  # the key of helpers.preprocessing.TRANSFORMS (the reference's preprocessing of its data)
     branches: tuple[str, ...] = ("aesthetics", "theme", "rgb")
     head_dropout: float = 0.75  # the reference's dropout before each head's Linear
     weight_file: str | None = None  # the released weights (a key of WEIGHT_FILES)

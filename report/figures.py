@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from helpers.presets import IMAGENET_MEAN, IMAGENET_STD
+from helpers.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
 TRUE_COLOUR = "#4C72B0"
 PRED_COLOUR = "#DD8452"

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from models import TANet, get_pretrained_cfg, load_tanet
 from scoring.onnx_model import ONNX_FORMAT, ExportError, OnnxModel, require
-from helpers.presets import INPUT_SHAPE
+from helpers.preprocessing import INPUT_SHAPE
 from helpers.safe_io import atomic_write, json_text, sha256_file
 
 __all__ = ["ONNX_FORMAT", "OPSET", "PARITY_TOLERANCE", "ExportError", "Exported", "OnnxModel", "export_onnx",

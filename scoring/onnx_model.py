@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from helpers.presets import INPUT_SHAPE
+from helpers.preprocessing import INPUT_SHAPE
 from models.registry import get_pretrained_cfg, list_variants
 from helpers.runtime import usable_cpus
 from helpers.safe_io import first_line

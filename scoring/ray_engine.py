@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from helpers.console import progress as progress_bar
-from helpers.presets import NUM_BINS
+from helpers.preprocessing import NUM_BINS
 from scoring.errors import ScoringError
 from scoring.inputs import RefusedImage
 from scoring.results import SCALE_REQUIREMENTS, ScoreResult

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TextIO
 
-from helpers.presets import NUM_BINS
+from helpers.preprocessing import NUM_BINS
 from models.registry import get_pretrained_cfg
 from scoring.errors import ScoringError
 from helpers.safe_io import atomic_save_json, atomic_write, csv_text_cell, csv_text_value, json_text

@@ -20,7 +20,7 @@ from PIL import Image
 from helpers.console import progress as progress_bar
 from imagedata.images import DataError, EvalTransform, load_image, to_rgb
 from scoring.onnx_model import ExportError, OnnxModel, is_onnx_file
-from helpers.presets import INPUT_SHAPE, INPUT_SIZE
+from helpers.preprocessing import INPUT_SHAPE, INPUT_SIZE
 from models.registry import PretrainedCfg, get_pretrained_cfg, list_models, list_variants
 from helpers.runtime import AMP_MODES, precision_name, resolve_amp, resolve_device
 from helpers.safe_io import CheckpointError

@@ -23,7 +23,7 @@ from dataset import (
     load_image,
 )
 from training.engine import infer, make_loader, train_one_epoch
-from helpers.presets import IMAGENET_MEAN, IMAGENET_STD
+from helpers.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = [(300, 200), (200, 300), (257, 257), (640, 427), (224, 224), (100, 80), (333, 251)]

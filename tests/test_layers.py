@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES_BY_MODULE = ("helpers", "imagedata", "scoring", "training", "paper")  # each of their modules is placed
 LAYERS = {  # lower numbers are lower layers
     0: {"util", "helpers.safe_io", "helpers.download", "helpers.runlock", "helpers.runtime", "helpers.console",
-        "helpers.presets", "helpers"},
+        "helpers.preprocessing", "helpers"},
     1: {"option"},
     2: {"dataset", "imagedata.images", "imagedata.image_check", "imagedata.cache", "imagedata.augment",
         "imagedata.flickr_aes", "imagedata.demo_data", "imagedata.personal_data", "imagedata", "models"},

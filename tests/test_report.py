@@ -19,7 +19,7 @@ import main_nni
 import report
 from report import figures, passes, stats
 from report.__main__ import main as report_main
-from helpers.presets import IMAGENET_MEAN, IMAGENET_STD
+from helpers.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from report.figures import ScoredImage
 from models import TANet
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from imagedata.images import DataError, PixelBudget, decode_image
-from helpers.presets import NUM_BINS
+from helpers.preprocessing import NUM_BINS
 from models import get_pretrained_cfg
 from report.attention import rgb_attention_png
 from helpers.runtime import release_free_memory
