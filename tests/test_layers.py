@@ -141,3 +141,13 @@ def test_library_code_takes_arguments_not_the_command_line_parser():
     library = {m for number in (2, 3) for m in LAYERS[number]}
     bad = sorted(source for source, targets in graph().items() if source in library and "option" in targets)
     assert not bad, f"library modules that import option.py: {bad}"
+
+
+def test_the_root_holds_the_design_names_and_few_others():
+    """``ls`` tells the architecture: the design's names, the entry scripts and a few packages named for
+    their jobs (at most 14 importable names)."""
+    importable = {p.stem for p in REPO.glob("*.py")} | {p.name for p in REPO.iterdir()
+                                                         if p.is_dir() and (p / "__init__.py").is_file()}
+    design = {"main_nni", "dataset", "option", "util", "models", "predict", "serve"}
+    assert design <= importable, design - importable
+    assert len(importable) <= 14, sorted(importable)

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import http.server
 import io
 import re
 import subprocess
 import sys
-import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from torch import nn
 
 import option
 from helpers.download import DownloadError
+from http_helpers import serve_bytes
 from models import TANet, create_model, get_pretrained_cfg, list_models, load_tanet, registry
 from scoring import Scorer, write_results
 
@@ -136,34 +135,15 @@ def released(monkeypatch, tmp_path):
     torch.save(state, buffer)
     payload = buffer.getvalue()
     requests: list[str] = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server API
-            requests.append(self.path)
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args):
-            pass
-
     for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    entry = registry.WeightFile("tanet_test.pth", "tanet", "tad66k", f"http://127.0.0.1:{server.server_port}/t.pth")
-    monkeypatch.setitem(registry.WEIGHT_FILES, entry.name, entry)
-    cfg = replace(get_pretrained_cfg("tanet-tad66k-aesthetics"), name="tanet-test", weight_file=entry.name)
-    monkeypatch.setitem(registry._REGISTRY, cfg.name, cfg)
-    monkeypatch.setenv("TANET_CHECKPOINTS", str(tmp_path / "cache"))
-    try:
+    with serve_bytes(payload, requests) as url:
+        entry = registry.WeightFile("tanet_test.pth", "tanet", "tad66k", f"{url}/t.pth")
+        monkeypatch.setitem(registry.WEIGHT_FILES, entry.name, entry)
+        cfg = replace(get_pretrained_cfg("tanet-tad66k-aesthetics"), name="tanet-test", weight_file=entry.name)
+        monkeypatch.setitem(registry._REGISTRY, cfg.name, cfg)
+        monkeypatch.setenv("TANET_CHECKPOINTS", str(tmp_path / "cache"))
         yield state, payload, entry, requests
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 def test_pretrained_fetches_the_released_file_into_the_user_cache(released, tmp_path):

@@ -1,12 +1,11 @@
 """Loading the reference weight files, the registry and the optimiser groups."""
 from __future__ import annotations
 
-import http.server
-import threading
 
 import pytest
 import torch
 
+from http_helpers import serve_bytes
 from reliability_helpers import MarkerPayload
 from models import registry
 from models import (
@@ -148,29 +147,10 @@ def test_resolve_weights_finds_paths_and_registry_names(tmp_path, monkeypatch):
 
 def test_resolve_weights_downloads_from_the_registry(tmp_path, monkeypatch):
     payload = b"weights" * 1000
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-
-        entry = registry.WeightFile("mobilenetv2.pth.tar", "mobilenet_v2", None,
-                                    f"http://127.0.0.1:{server.server_port}/m")
+    with serve_bytes(payload) as url:
+        entry = registry.WeightFile("mobilenetv2.pth.tar", "mobilenet_v2", None, f"{url}/m")
         monkeypatch.setitem(registry.WEIGHT_FILES, entry.name, entry)
         path = resolve_weights("mobilenetv2.pth.tar", directory=tmp_path, download_missing=True, progress=False)
-    finally:
-        server.shutdown()
-        server.server_close()
     assert path == tmp_path / "mobilenetv2.pth.tar" and path.read_bytes() == payload
     assert len(sha256_file(path)) == 64
 
