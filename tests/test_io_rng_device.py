@@ -84,7 +84,8 @@ def test_resolve_device_rejects_malformed(bad):
 
 
 _RSS_AFTER_FREE = """
-import os, sys, torch, runtime
+import os, sys, torch
+from helpers import runtime
 tuned = runtime.tune_cpu_allocator() if sys.argv[1] == "tuned" else False
 def rss():
     with open("/proc/self/statm") as f:

@@ -233,7 +233,8 @@ def test_control_characters_in_names_reach_no_terminal_or_log(data, tmp_path, ca
 def _training_paused_in_epoch_2(data, out) -> subprocess.Popen:
     """main_nni.py on TinyTANet in a child that prints READY after epoch 1 and then waits (a signal's moment)."""
     script = textwrap.dedent("""
-        import signal, sys, time, main_nni, engine
+        import signal, sys, time, main_nni
+        from training import engine
         from reliability_helpers import TinyTANet
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell's background job inherits it ignored
         main_nni.TANet = TinyTANet
