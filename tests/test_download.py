@@ -4,11 +4,12 @@ import hashlib
 import http.server
 import os
 import socket
-import threading
 import time
 
 import pytest
 from helpers import download
+from http_helpers import serve
+
 PAYLOAD = os.urandom(200_000)
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
 
@@ -41,17 +42,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
-        assert not thread.is_alive()
+    with serve(Handler) as url:
+        yield url
 
 
 @pytest.fixture(autouse=True)
