@@ -185,18 +185,18 @@ def build_model(args: argparse.Namespace, device: torch.device, weights: Path | 
         model, _ = load_tanet(weights, variant=args.variant, branches=args.branches, theme_fusion=args.theme_fusion,
                               allow_unsafe=unsafe, model_class=TANet, head_dropout=args.head_dropout)
         log.info("weights: %s", weights)
-    elif args.backbones == "pretrained":
-        model = TANet(args.variant, theme_fusion=args.theme_fusion, branches=args.branches or BRANCHES,
-                      head_dropout=args.head_dropout)
-        kw = {"directory": args.checkpoints_dir, "download_missing": args.download}
-        if model.has_theme_network:
-            load_places365_resnet18(model, resolve_weights("resnet18_places365.pth.tar", **kw), allow_unsafe=unsafe)
-        load_mobilenet_v2(model, resolve_weights("mobilenetv2.pth.tar", **kw), allow_unsafe=unsafe)
-        log.info("backbones: Places365 ResNet-18 and ImageNet MobileNetV2")
     else:
         model = TANet(args.variant, theme_fusion=args.theme_fusion, branches=args.branches or BRANCHES,
                       head_dropout=args.head_dropout)
-        log.info("backbones: random initialisation")
+        if args.backbones == "pretrained":
+            kw = {"directory": args.checkpoints_dir, "download_missing": args.download}
+            if model.has_theme_network:
+                load_places365_resnet18(model, resolve_weights("resnet18_places365.pth.tar", **kw),
+                                        allow_unsafe=unsafe)
+            load_mobilenet_v2(model, resolve_weights("mobilenetv2.pth.tar", **kw), allow_unsafe=unsafe)
+            log.info("backbones: Places365 ResNet-18 and ImageNet MobileNetV2")
+        else:
+            log.info("backbones: random initialisation")
     args.branches = list(model.branches)
     if args.branches != list(BRANCHES):
         log.info("branches: %s (the paper's ablation)", ", ".join(args.branches))
