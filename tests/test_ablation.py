@@ -107,7 +107,7 @@ def test_options_are_compared_as_main_nni_reads_them(tmp_path):
     check_same_options(tmp_path, ["--dataset", "demo", "--num_epoch", "3", "--demo_images", "48", "16",
                                            "--batch_size", "40"])  # demo's default batch size, said aloud
     with pytest.raises(ablation.AblationError, match="another --out"):
-        check_same_options(tmp_path, ["--dataset", "demo", "--num_epoch", "3"])  # 2200 320 images
+        check_same_options(tmp_path, ["--dataset", "demo", "--num_epoch", "3"])  # the default 1800 640 images
 
 
 def test_options_of_an_earlier_version_are_compared_parsed(tmp_path):

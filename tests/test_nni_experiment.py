@@ -45,9 +45,9 @@ def test_nni_demo_experiment_runs_two_successful_trials(demo_root, tmp_path):
     lines = []
     for line in text.splitlines():
         if line.startswith("trialCommand:"):
-            assert "--cache_dir data/demo_cache" in line and "--demo_images 600 160" in line
+            assert "--cache_dir data/demo_cache" in line and "--demo_images 1800 640" in line
             line = line.replace("--cache_dir data/demo_cache", f"--cache_dir {tmp_path / 'cache'}")
-            line = line.replace("--demo_images 600 160", f"--demo_images 48 16 --path_to_save_csv {demo_root}")
+            line = line.replace("--demo_images 1800 640", f"--demo_images 48 16 --path_to_save_csv {demo_root}")
             line = line.replace("--num_epoch 2", "--num_epoch 1")
         elif line.startswith("maxTrialNumber:"):
             line = "maxTrialNumber: 2"
